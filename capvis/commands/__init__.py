@@ -1,0 +1,1 @@
+"""One module per ``capvis`` subcommand; :mod:`capvis.cli` discovers them by file name."""
