@@ -1,0 +1,1 @@
+"""Training: optimizers and schedules, the step, checkpoints, distributed set-up and the loop."""

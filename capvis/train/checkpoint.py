@@ -1,0 +1,152 @@
+"""Training checkpoints: a pure ``collect_state`` and an atomic, checksummed write.
+
+A checkpoint is written to a temporary file in the same directory, fsync'd, and renamed over
+its final name, so a crash or a full disk never leaves a half-written file under a real name.
+Its SHA-256 goes to a ``.sha256`` sidecar (written the same way), verified on load; a corrupt
+newest checkpoint is reported and the previous good one is used. The last K are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import capvis
+from capvis.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)\.pt$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def collect_state(*, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any, iteration: int,
+                  config: dict[str, Any], vocab: bytes | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to continue a run exactly, plus what a loader needs to rebuild the model."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "iteration": iteration,
+        "rng": rng_state(),
+        "config": config,
+        "vocab": vocab,
+        "capvis_version": capvis.__version__,
+        **(extra or {}),
+    }
+
+
+def _atomic_write_bytes(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_save(state: dict[str, Any], path: str | Path) -> Path:
+    """Serialise ``state`` to ``path`` atomically, with a checksum sidecar.
+
+    Raises CheckpointError (and leaves every earlier file intact) if the disk is full or read-only.
+    """
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    try:
+        _atomic_write_bytes(data, path)
+        _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), _sidecar(path))
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+                              "earlier checkpoints are intact") from None
+    return path
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint, verifying its checksum when a sidecar exists."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    data = path.read_bytes()
+    side = _sidecar(path)
+    if side.is_file():
+        expected = side.read_text().split()[0] if side.read_text().strip() else ""
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated zip, unpickling error, ...
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a capvis checkpoint (no 'model' entry)")
+    return state
+
+
+def checkpoint_path(directory: str | Path, iteration: int) -> Path:
+    return Path(directory) / f"checkpoint_{iteration:08d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoints in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_valid_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads and verifies; corrupt ones are reported and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("skipping %s", exc)
+    return None
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for path in list_checkpoints(directory)[:-keep]:
+        path.unlink(missing_ok=True)
+        _sidecar(path).unlink(missing_ok=True)

@@ -1,0 +1,216 @@
+"""The pretraining loop: iteration-based, resumable, distributed, task-agnostic.
+
+``pretrain(cfg, output)`` builds data, task, optimizer and schedule from the config, then runs
+``train_step`` until ``train.iterations``, logging, validating and checkpointing on the way.
+The task is a plug-in: this file never looks at its name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from capvis.config import Config, dump_config
+from capvis.errors import CapvisError, CheckpointError
+from capvis.tasks import build_task
+from capvis.train import checkpoint as ckpt
+from capvis.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from capvis.train.metrics import MetricsSink
+from capvis.train.optim import build_optimizer, inner_optimizer
+from capvis.train.precision import Precision, resolve_precision
+from capvis.train.schedule import build_scheduler
+from capvis.train.signals import StopRequest
+from capvis.train.step import train_step
+
+log = logging.getLogger(__name__)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.ndim == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+def resolve_resume(resume: str | None, output: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``None`` -> fresh run; ``auto`` -> newest valid checkpoint in the output (or fresh); a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = ckpt.latest_valid_checkpoint(output / "checkpoints")
+        if found is None:
+            log.info("no checkpoint in %s: starting from scratch", output / "checkpoints")
+        return found
+    path = Path(resume)
+    if path.is_dir():
+        found = ckpt.latest_valid_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no valid checkpoint in {path}")
+        return found
+    return path, ckpt.load_checkpoint(path)
+
+
+def step_seed(seed: int, rank: int, iteration: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + iteration) % (2**63)
+
+
+class Trainer:
+    """Holds the pieces of one run; ``run()`` is the loop."""
+
+    def __init__(self, cfg: Config, output: str | Path, *, resume: str | None = None, progress: bool = True,
+                 info: DistInfo | None = None) -> None:
+        from capvis.data.pipeline import build_train_loader, build_val_loader, load_vocabulary
+
+        self.cfg, self.output = cfg, Path(output)
+        self.info = info or init_distributed(cfg.train.device)
+        self.device = self.info.device
+        self.tokenizer = load_vocabulary(cfg)
+        vocab_size = self.tokenizer.vocab_size if self.tokenizer is not None else cfg.model.vocab_size
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.task = build_task(cfg, vocab_size).to(self.device)
+        if cfg.train.channels_last:
+            self.task.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.task.param_groups(cfg.train), cfg.train)
+        self.scheduler = build_scheduler(inner_optimizer(self.optimizer), cfg.train)
+        self.precision: Precision = resolve_precision(cfg.train.precision, self.device)
+        self.scaler = self.precision.scaler()
+        self.start = 0
+        resumed = resolve_resume(resume, self.output)
+        if resumed is not None:
+            self._restore(*resumed)
+        self.model = (DistributedDataParallel(self.task, device_ids=[self.device] if self.device.type == "cuda"
+                                              else None) if self.info.enabled else self.task)
+        self.train_loader = build_train_loader(cfg, self.tokenizer, self.info, start_iteration=self.start)
+        self.val_loader = build_val_loader(cfg, self.tokenizer, self.info)
+        self.progress = progress
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        try:
+            self.task.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not match this config: {str(exc).splitlines()[0]}") \
+                from None
+        self.start = int(state["iteration"])
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed from %s at iteration %d", path, self.start)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def save(self, iteration: int) -> Path | None:
+        path = None
+        if self.info.is_main:
+            state = ckpt.collect_state(
+                model=self.task, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                iteration=iteration, config=self.cfg.to_dict(),
+                vocab=self.tokenizer.model_bytes if self.tokenizer is not None else None)
+            path = ckpt.atomic_save(state, ckpt.checkpoint_path(self.output / "checkpoints", iteration))
+            ckpt.prune_checkpoints(self.output / "checkpoints", self.cfg.train.keep_checkpoints)
+        barrier(self.info)
+        return path
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.task.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for i, batch in enumerate(self.val_loader):
+            if self.cfg.train.val_batches and i >= self.cfg.train.val_batches:
+                break
+            with self.precision.autocast():
+                total += self.task(to_device(batch, self.device, self.cfg.train.channels_last)).loss.float()
+            count += 1
+        self.task.train()
+        mean = all_reduce_mean(total / max(count, 1), self.info)
+        return {"loss": float(mean.item())}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        for batch in self.train_loader:
+            yield to_device(batch, self.device, self.cfg.train.channels_last)
+
+    def run(self, *, until: int | None = None) -> dict[str, Any]:
+        """Train to ``train.iterations`` (or stop early after iteration ``until``, with a checkpoint)."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.info.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.output / "config.yaml")
+        sink = MetricsSink(self.output, total=t.iterations, start=self.start, enabled=self.info.is_main,
+                           progress=self.progress)
+        self.task.train()
+        batches = self._batches()
+        bad_steps, last = 0, None
+        window_start, window_images = time.perf_counter(), 0
+        iteration = self.start
+        try:
+            with StopRequest(self.info) as stop:
+                while iteration < t.iterations:
+                    batch = next(batches)
+                    # dropout & co. draw from a stream that is a function of (seed, rank, iteration):
+                    # exact resume on any number of ranks, without per-rank RNG files
+                    torch.manual_seed(step_seed(t.seed, self.info.rank, iteration))
+                    result = train_step(self.model, batch, self.optimizer, self.scheduler, self.scaler,
+                                        self.precision, clip_grad_norm=t.clip_grad_norm)
+                    iteration += 1
+                    window_images += batch["image"].shape[0] * self.info.world_size
+                    bad_steps = 0 if result.finite else bad_steps + 1
+                    if not result.finite:
+                        log.warning("iteration %d: non-finite loss or gradient, update skipped", iteration)
+                        if bad_steps >= t.max_bad_steps:
+                            path = self.save(iteration)
+                            raise CapvisError(
+                                f"loss was non-finite for {bad_steps} consecutive steps (iteration {iteration}); "
+                                f"last good weights saved to {path}; lower the learning rate or use fp32")
+                    sink.advance()
+                    if iteration % t.log_every == 0 or iteration == t.iterations:
+                        elapsed = time.perf_counter() - window_start
+                        last = self._log(sink, iteration, result, window_images / max(elapsed, 1e-9))
+                        window_start, window_images = time.perf_counter(), 0
+                    if self.val_loader is not None and iteration % (t.val_every or t.checkpoint_every) == 0:
+                        sink.log(iteration, self.validate(), prefix="val")
+                    if iteration % t.checkpoint_every == 0 or iteration == t.iterations:
+                        self.save(iteration)
+                    if until is not None and iteration >= until and iteration < t.iterations:
+                        if iteration % t.checkpoint_every:
+                            self.save(iteration)
+                        break
+                    if stop.requested():
+                        if iteration % t.checkpoint_every and iteration != t.iterations:
+                            self.save(iteration)
+                        log.warning("stop requested: checkpoint written at iteration %d, exiting", iteration)
+                        break
+        finally:
+            sink.close()
+        return {"iteration": iteration, "last": last, "output": str(self.output)}
+
+    def _log(self, sink: MetricsSink, iteration: int, result: Any, images_per_s: float) -> dict[str, Any]:
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        values = {"loss": float(result.loss.item()), "lr": float(max(lrs)), "images_per_s": images_per_s,
+                  "grad_norm": float(result.grad_norm.item())}
+        values.update({k: float(v.item()) for k, v in result.logs.items()})
+        sink.log(iteration, values)
+        return values
+
+
+def pretrain(cfg: Config, output: str | Path, *, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or continue) pretraining; returns a summary with the last logged values."""
+    trainer = Trainer(cfg, output, resume=resume, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        cleanup(trainer.info)
+
+
+def read_metrics(output: str | Path) -> list[dict[str, Any]]:
+    path = Path(output) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

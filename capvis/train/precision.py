@@ -1,0 +1,41 @@
+"""One switch for numerics: ``train.precision`` -> autocast dtype and whether a grad scaler runs."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | bf16 | fp16
+    dtype: torch.dtype | None
+    device_type: str
+
+    @property
+    def uses_scaler(self) -> bool:
+        return self.name == "fp16"
+
+    def autocast(self) -> ContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.uses_scaler)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """``auto`` is bf16 on a CUDA device that supports it, fp32 elsewhere (CPU autocast is slow)."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtypes: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "fp16" and device.type != "cuda":
+        name = "bf16"  # fp16 autocast is CUDA-only; bf16 is the CPU equivalent
+    return Precision(name, dtypes[name], device.type)
+
+
+AutocastFactory = Callable[[], ContextManager]
