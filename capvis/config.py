@@ -72,6 +72,7 @@ class ModelConfig:
     backbone: str = "resnet50"
     small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for small images
     zero_init_residual: bool = True
+    visual_norm: str = "batch"  # batch | group | frozen
     vocab_size: int = 10000  # used only when data.vocab is not given
     num_categories: int = 80  # multilabel_classification
     textual: TextualConfig = field(default_factory=TextualConfig)

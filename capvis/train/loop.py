@@ -195,9 +195,13 @@ class Trainer:
 
     def _log(self, sink: MetricsSink, iteration: int, result: Any, images_per_s: float) -> dict[str, Any]:
         lrs = [g["lr"] for g in self.optimizer.param_groups]
-        values = {"loss": float(result.loss.item()), "lr": float(max(lrs)), "images_per_s": images_per_s,
+        # losses are averaged over ranks (each rank saw a slice of the global batch)
+        names = ["loss", *result.logs]
+        stacked = all_reduce_mean(torch.stack([result.loss.float(), *[v.float() for v in result.logs.values()]]),
+                                  self.info).tolist()
+        values = {"loss": stacked[0], "lr": float(max(lrs)), "images_per_s": images_per_s,
                   "grad_norm": float(result.grad_norm.item())}
-        values.update({k: float(v.item()) for k, v in result.logs.items()})
+        values.update(dict(zip(names[1:], stacked[1:])))
         sink.log(iteration, values)
         return values
 

@@ -1,0 +1,8 @@
+"""Pretext tasks, registered by name in :data:`TASKS`; each module is imported here so it registers."""
+
+from capvis.tasks import captioning
+from capvis.tasks.base import TASKS, PretextTask, TaskOutput, build_task, count_parameters
+from capvis.tasks.captioning import BicaptioningTask, CaptioningTask
+
+__all__ = ["TASKS", "BicaptioningTask", "CaptioningTask", "PretextTask", "TaskOutput", "build_task",
+           "captioning", "count_parameters"]

@@ -1,0 +1,83 @@
+"""The pretext-task plug-in interface: a task is an ``nn.Module`` that owns backbone, head and loss.
+
+The trainer only calls ``task(batch) -> TaskOutput`` and ``task.param_groups(train_cfg)``; it never
+branches on a task's name. New tasks subclass :class:`PretextTask` and register with ``@TASKS.register``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from capvis.config import Config
+from capvis.models.backbones import VisualBackbone
+from capvis.registry import Registry
+
+TASKS: Registry[type["PretextTask"]] = Registry("task")
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass
+class TaskOutput:
+    loss: Tensor  # scalar to minimise
+    logs: dict[str, Tensor]  # detached scalars for logging
+
+
+class PretextTask(nn.Module):
+    """Base class: ``visual`` is the transferable ConvNet every task has."""
+
+    visual: VisualBackbone
+
+    @classmethod
+    def from_config(cls, cfg: Config, vocab_size: int) -> "PretextTask":
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Tensor]) -> TaskOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def param_groups(self, train_cfg: Any) -> list[dict[str, Any]]:
+        """Four groups: visual and textual, each with and without weight decay.
+
+        ``visual.*`` trains at ``lr_backbone`` with decay on every tensor (BatchNorm included, as in
+        VirTex); the rest at ``lr_textual`` with no decay on normalisation weights/biases and on biases.
+        VirTex decays the output and visual_projection biases; capvis does not decay any head bias.
+        Shared (tied) tensors appear once, under their first name.
+        """
+        groups: dict[str, dict[str, Any]] = {}
+        seen: set[int] = set()
+        for module_name, module in self.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                visual = name.startswith("visual.")
+                decay = visual or not (isinstance(module, _NORMS) or param_name.endswith("bias"))
+                key = f"{'visual' if visual else 'textual'}/{'decay' if decay else 'no_decay'}"
+                group = groups.setdefault(key, {
+                    "name": key, "params": [], "param_names": [],
+                    "lr": train_cfg.lr_backbone if visual else train_cfg.lr_textual,
+                    "weight_decay": train_cfg.weight_decay if decay else 0.0})
+                group["params"].append(param)
+                group["param_names"].append(name)
+        order = ("visual/decay", "visual/no_decay", "textual/decay", "textual/no_decay")
+        return [groups[k] for k in order if k in groups]
+
+
+def build_task(cfg: Config, vocab_size: int) -> PretextTask:
+    """The task named by ``cfg.model.task``, freshly initialised."""
+    return TASKS.get(cfg.model.task).from_config(cfg, vocab_size)
+
+
+def count_parameters(task: nn.Module) -> dict[str, int]:
+    """Unique parameter elements (shared tensors counted once): ``total``, ``visual`` and ``textual``
+    (``textual`` = everything outside ``visual.*``)."""
+    counts = {"total": 0, "visual": 0, "textual": 0}
+    for name, param in task.named_parameters():  # named_parameters already skips repeated tensors
+        part = "visual" if name.startswith("visual.") else "textual"
+        counts[part] += param.numel()
+        counts["total"] += param.numel()
+    return counts

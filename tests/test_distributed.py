@@ -1,0 +1,60 @@
+"""Two gloo processes with per-process batch b make the same update as one process with batch 2b.
+
+Batch norm would differ (statistics per process, as in the paper), so the backbone uses GroupNorm
+here; dropout is off and every caption has the same length, so the mean of the two per-process
+losses equals the loss of the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from capvis.train import checkpoint as ckpt
+from capvis.train.loop import read_metrics
+
+from conftest import write_coco
+
+SAME_LENGTH = [["a dog runs on the grass."]] * 4  # four different images, one caption length
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain_args(coco, vocab, out):
+    return ["pretrain", "--config", "bicaptioning_R_50_L1_H2048", "--output", str(out), "--no-progress",
+            f"data.train={coco}", "data.val=", f"data.vocab={vocab}", "model.backbone=resnet18",
+            "model.small_stem=true", "model.visual_norm=group", "data.image_size=32", "model.textual.hidden=64",
+            "model.textual.dropout=0", "train.batch_size=4", "data.num_workers=0", "train.iterations=3",
+            "train.warmup=1", "train.log_every=1", "train.checkpoint_every=3", "train.channels_last=false",
+            "train.device=cpu"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path, coco_tokenizer_path):
+    coco = write_coco(tmp_path / "coco", captions=SAME_LENGTH)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    single, double = tmp_path / "single", tmp_path / "double"
+    subprocess.run([sys.executable, "-m", "capvis.cli", *pretrain_args(coco, coco_tokenizer_path, single)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), "-m", "capvis.cli",
+                           *pretrain_args(coco, coco_tokenizer_path, double)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = [r["loss"] for r in read_metrics(single)]
+    b = [r["loss"] for r in read_metrics(double)]
+    assert len(a) == len(b) == 3
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    wa = ckpt.load_checkpoint(single / "checkpoints" / "checkpoint_00000003.pt")["model"]
+    wb = ckpt.load_checkpoint(double / "checkpoints" / "checkpoint_00000003.pt")["model"]
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
