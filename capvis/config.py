@@ -64,13 +64,28 @@ class ContrastiveConfig:
     embed_dim: int = 256
     init_temperature: float = 0.07
     text_encoder: str = ""  # icmlm: a capvis masked-LM checkpoint for the frozen text encoder
+    text_pool: str = "eos"  # text feature: eos (the [EOS] / last token's state) | mean (over tokens)
+
+
+@dataclass(frozen=True)
+class ICMLMConfig:
+    # Checkpoint (masked_lm or contrastive, same vocabulary) whose text side becomes the frozen text
+    # encoder; "" falls back to model.contrastive.text_encoder, then to a random frozen encoder.
+    text_encoder: str = ""
+
+
+@dataclass(frozen=True)
+class ClassificationConfig:
+    loss: str = "softmax"  # token_classification: softmax (CE on 1/K targets, as VirTex) | bce (one-vs-all)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     task: str = "bicaptioning"
     backbone: str = "resnet50"
-    small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for small images
+    small_stem: bool = False  # 3x3 stem without max-pool, for small images
+    stem_stride: int = 1  # stride of the small stem
+    visual_width: int = 64  # base width of the ResNet (64: torchvision's; narrower is faster)
     zero_init_residual: bool = True
     visual_norm: str = "batch"  # batch | group | frozen
     vocab_size: int = 10000  # used only when data.vocab is not given
@@ -78,6 +93,8 @@ class ModelConfig:
     textual: TextualConfig = field(default_factory=TextualConfig)
     masked_lm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    icmlm: ICMLMConfig = field(default_factory=ICMLMConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
 
 
 @dataclass(frozen=True)

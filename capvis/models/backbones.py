@@ -56,19 +56,61 @@ NORM_LAYERS: dict[str, Callable[[int], nn.Module] | None] = {
 }
 
 
-def build_backbone(name: str, *, small_stem: bool = False, zero_init_residual: bool = True,
-                   norm: str = "batch") -> VisualBackbone:
+# (block, stage depths, extra kwargs) of each registered torchvision ResNet, for width scaling
+_SHAPES: dict[str, tuple[type[nn.Module], list[int], dict[str, int]]] = {
+    "resnet18": (tvm.resnet.BasicBlock, [2, 2, 2, 2], {}),
+    "resnet34": (tvm.resnet.BasicBlock, [3, 4, 6, 3], {}),
+    "resnet50": (tvm.resnet.Bottleneck, [3, 4, 6, 3], {}),
+    "resnet101": (tvm.resnet.Bottleneck, [3, 4, 23, 3], {}),
+    "wide_resnet50_2": (tvm.resnet.Bottleneck, [3, 4, 6, 3], {"width_per_group": 128}),
+}
+
+
+class ScaledResNet(tvm.ResNet):
+    """torchvision's ResNet with every stage (and the stem) ``width / 64`` times as wide.
+
+    Module names stay torchvision's, so features, export and checkpoints work unchanged; only a
+    width of 64 has the shapes of torchvision's own models. Narrow ResNets make CPU demos fast.
+    """
+
+    def __init__(self, block: type[nn.Module], layers: list[int], *, width: int = 64, **kwargs: object) -> None:
+        self._width = width
+        super().__init__(block, layers, **kwargs)  # type: ignore[arg-type]
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = self._norm_layer(width)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.fc = nn.Linear(self.fc.in_features * width // 64, self.fc.out_features)
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):  # type: ignore[no-untyped-def]
+        if planes == 64 and self.inplanes == 64:  # first stage: the stem's output width
+            self.inplanes = self._width
+        return super()._make_layer(block, planes * self._width // 64, blocks, stride, dilate)
+
+
+def build_backbone(name: str, *, small_stem: bool = False, stem_stride: int = 1, width: int = 64,
+                   zero_init_residual: bool = True, norm: str = "batch") -> VisualBackbone:
     """A randomly initialised backbone by registry name.
 
-    ``small_stem`` swaps the 7x7/2 conv and the max-pool for a 3x3/1 conv, so 32-64 px images still
-    leave a few cells in the last-stage grid (demo and tests only; the paper uses the standard stem).
+    ``small_stem`` swaps the 7x7/2 conv and the max-pool for a 3x3 conv of stride ``stem_stride``,
+    so 32-96 px images still leave a grid of a few cells after the last stage (demo and tests; the
+    paper uses the standard stem at 224 px). ``width`` scales every stage (64: torchvision's).
     """
     if norm not in NORM_LAYERS:
         raise ConfigError(f"unknown model.visual_norm {norm!r}; known: {', '.join(NORM_LAYERS)}")
-    kwargs = {"norm_layer": NORM_LAYERS[norm]} if NORM_LAYERS[norm] is not None else {}
-    cnn = BACKBONES.get(name)(weights=None, zero_init_residual=zero_init_residual and norm != "frozen", **kwargs)
+    if width <= 0 or width % 8:
+        raise ConfigError(f"model.visual_width must be a positive multiple of 8, got {width}")
+    kwargs: dict[str, object] = {"norm_layer": NORM_LAYERS[norm]} if NORM_LAYERS[norm] is not None else {}
+    zero_init = zero_init_residual and norm != "frozen"
+    builder = BACKBONES.get(name)
+    if width == 64:
+        cnn = builder(weights=None, zero_init_residual=zero_init, **kwargs)
+    else:
+        if name not in _SHAPES:
+            raise ConfigError(f"model.visual_width is not supported for backbone {name!r}")
+        block, layers, extra = _SHAPES[name]
+        cnn = ScaledResNet(block, layers, width=width, zero_init_residual=zero_init, **extra, **kwargs)
     if small_stem:
-        cnn.conv1 = nn.Conv2d(3, cnn.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        cnn.conv1 = nn.Conv2d(3, cnn.conv1.out_channels, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         nn.init.kaiming_normal_(cnn.conv1.weight, mode="fan_out", nonlinearity="relu")
         cnn.maxpool = nn.Identity()
     return VisualBackbone(cnn, name=name)
@@ -76,8 +118,9 @@ def build_backbone(name: str, *, small_stem: bool = False, zero_init_residual: b
 
 def build_visual(model_cfg: ModelConfig) -> VisualBackbone:
     """The backbone every task builds from ``cfg.model`` (one place, so all tasks agree)."""
-    return build_backbone(model_cfg.backbone, small_stem=model_cfg.small_stem,
-                          zero_init_residual=model_cfg.zero_init_residual, norm=model_cfg.visual_norm)
+    return build_backbone(model_cfg.backbone, small_stem=model_cfg.small_stem, stem_stride=model_cfg.stem_stride,
+                          width=model_cfg.visual_width, zero_init_residual=model_cfg.zero_init_residual,
+                          norm=model_cfg.visual_norm)
 
 
 def list_backbones() -> list[str]:

@@ -1,0 +1,141 @@
+"""The demo's report: results table, loss curve, captions of held-out images, attention maps.
+
+Pictures are PNGs next to ``report.md`` and ``report.html`` so either can be opened alone.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from capvis.data.datasets import load_image  # noqa: E402
+from capvis.data.tokenizer import Tokenizer  # noqa: E402
+from capvis.data.transforms import build_eval_transform  # noqa: E402
+from capvis.models.decoding import decode  # noqa: E402
+
+TASK_TITLES = {"shape": "shape presence", "color_shape": "colour-shape presence", "count": "object count"}
+
+
+def loss_curve(metrics: Sequence[dict[str, Any]], path: Path) -> Path:
+    rows = [r for r in metrics if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    ax.plot([r["iteration"] for r in rows], [r["loss"] for r in rows], label="total (forward + backward)")
+    for key, style in (("loss_forward", "--"), ("loss_backward", ":")):
+        if rows and key in rows[0]:
+            ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], style, label=key.replace("_", " "))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("caption cross-entropy")
+    ax.set_title("bicaptioning pretraining on CaptionWorld")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _images(paths: Sequence[Path], image_size: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    transform = build_eval_transform(image_size, image_size)
+    raw = [load_image(p) for p in paths]
+    return torch.stack([transform(r) for r in raw]), [r.permute(1, 2, 0).numpy() for r in raw]
+
+
+def caption_images(task: Any, tokenizer: Tokenizer, paths: Sequence[Path], image_size: int, *,
+                   max_steps: int, attention: bool = False) -> tuple[list[str], Any, list[np.ndarray]]:
+    batch, pictures = _images(paths, image_size)
+    decoded = decode(task, batch, method="beam", beam_size=5, max_steps=max_steps, return_attention=attention)
+    return [tokenizer.decode(t) for t in decoded.tokens], decoded, pictures
+
+
+def caption_grid(pictures: Sequence[np.ndarray], captions: Sequence[str], truths: Sequence[str], path: Path,
+                 columns: int = 4) -> Path:
+    rows = (len(pictures) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 4.2 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, picture, caption, truth in zip(axes.flat, pictures, captions, truths):
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_xlabel(_wrap(f"model: {caption}") + "\n" + _wrap(f"reference: {truth}"), fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def attention_figure(picture: np.ndarray, words: Sequence[str], maps: torch.Tensor, path: Path) -> Path:
+    """One panel per generated word: its cross-attention over the grid (mean over heads), upsampled
+    bilinearly to the image and overlaid (paper Figure 6)."""
+    size = picture.shape[:2]
+    up = torch.nn.functional.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    n = len(words) + 1
+    fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.2), dpi=100, squeeze=False)
+    axes[0, 0].imshow(picture)
+    axes[0, 0].set_title("image", fontsize=8)
+    for ax, word, heat in zip(axes[0, 1:], words, up):
+        ax.imshow(picture)
+        ax.imshow(heat.numpy(), cmap="jet", alpha=0.5)
+        ax.set_title(word, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _wrap(text: str, width: int = 44) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + len(w) + 1 > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n".join([*lines, line])
+
+
+def results_table(results: dict[str, dict[str, float]]) -> tuple[list[str], list[list[str]]]:
+    tasks = list(next(iter(results.values())))
+    header = ["method", *[f"{TASK_TITLES.get(t, t)} mAP" for t in tasks]]
+    rows = [[method, *[f"{scores[t]:.1f}" for t in tasks]] for method, scores in results.items()]
+    return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_reports(out: Path, *, title: str, intro: str, table: tuple[list[str], list[list[str]]],
+                  sections: Sequence[tuple[str, str, str | None]]) -> tuple[Path, Path]:
+    """``sections``: (heading, text, picture file name or None)."""
+    md = [f"# {title}", "", intro, "", markdown_table(*table), ""]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>", _html_table(*table)]
+    for heading, text, picture in sections:
+        md += [f"## {heading}", "", text, ""]
+        body += [f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(text)}</p>"]
+        if picture:
+            md += [f"![{heading}]({picture})", ""]
+            body.append(f'<img src="{html.escape(picture)}" alt="{html.escape(heading)}" style="max-width:100%">')
+    (out / "report.md").write_text("\n".join(md))
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}td,th{padding:4px 10px;border:1px solid #ccc}"
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+                                     f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return out / "report.md", out / "report.html"
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
