@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from capvis.config import Config
 from capvis.errors import ConfigError
@@ -69,3 +69,12 @@ def make_loader(dataset: Dataset, *, batch_size: int, sampler: Sampler, num_work
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate, pin_memory=pin_memory, drop_last=False,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+
+def make_stream_loader(dataset: IterableDataset, *, batch_size: int, num_workers: int, collate,
+                       pin_memory: bool = False, persistent: bool = True) -> DataLoader:
+    """A loader over a streaming dataset that splits itself over workers (no sampler). Batch ``j`` comes
+    from worker ``j % num_workers``, which :class:`capvis.data.streaming.ShardStream` relies on to resume."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, drop_last=False, persistent_workers=persistent and num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
