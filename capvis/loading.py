@@ -37,8 +37,8 @@ class Pretrained:
 
 def load_pretrained(checkpoint: str | Path, *, config: str | Path | None = None, overrides: tuple[str, ...] = (),
                     map_location: str | torch.device = "cpu", seed: int = 0) -> Pretrained:
-    """A task rebuilt from ``checkpoint`` (a training checkpoint, or a run directory, whose newest
-    valid checkpoint is used), or ``"random"`` with ``config`` for the random-init baseline."""
+    """A task rebuilt from ``checkpoint`` (a release, a training checkpoint, or a run directory, whose
+    newest valid checkpoint is used), or ``"random"`` with ``config`` for the random-init baseline."""
     from capvis.train import checkpoint as ckpt
 
     if str(checkpoint) == "random":
@@ -53,6 +53,13 @@ def load_pretrained(checkpoint: str | Path, *, config: str | Path | None = None,
         torch.manual_seed(seed)
         return Pretrained(build_task(cfg, vocab_size).eval(), cfg, tokenizer, "random")
     path = Path(checkpoint)
+    from capvis.release import build_loaded_task, is_release, read_release
+
+    if is_release(path):  # safetensors + config.json + vocab.model, a directory or an archive
+        release = read_release(path)
+        cfg = apply_overrides(release.config, overrides) if overrides else release.config
+        task = build_loaded_task(cfg, release.vocab_size, release.state, where=str(path))
+        return Pretrained(task.eval(), cfg, release.tokenizer, str(path))
     if path.is_dir():
         found = ckpt.latest_valid_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
         if found is None:
