@@ -1,0 +1,199 @@
+"""Linear probe on a frozen backbone (ImageNet-1k protocol of the VirTex paper, Appendix A.1).
+
+The backbone stays frozen in eval mode (BatchNorm statistics fixed); a new ``Linear(C, classes)``
+initialised N(0, 0.01) with bias 0 is trained with cross-entropy, SGD (momentum 0.9, weight decay 0),
+LR 0.3 with per-iteration cosine decay to 0 and no warmup, batch 256, 100 epochs, on
+random-resized-crop (scale 0.08-1, ratio 3/4-4/3) + horizontal-flip views; evaluation is the
+256 -> center-224 view, top-1/top-5 accuracy in percent. Data is a torchvision ImageFolder layout
+(``DIR/<class>/<image>``); val uses the train class list.
+
+:func:`linear_probe_cached` is a *fast path, not the protocol*: it trains the same head on cached
+center-crop features with no augmentation, so it runs in seconds but reads a little differently.
+The ImageFolder data helpers and :func:`evaluate` here are shared with :mod:`capvis.eval.finetune`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, DatasetFolder
+from torchvision.transforms import v2
+
+from capvis.data.datasets import load_image
+from capvis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+from capvis.errors import DataError
+from capvis.eval.features import default_resize, stage_features
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = tuple(IMG_EXTENSIONS) + tuple(e.upper() for e in IMG_EXTENSIONS)
+
+
+class ImageFolderSplit(DatasetFolder):
+    """torchvision's ImageFolder decoding with capvis's loader; ``classes`` fixes the label order, so a
+    val folder that lacks some classes still uses the train indices."""
+
+    def __init__(self, root: str | Path, transform: Callable, classes: Sequence[str] | None = None) -> None:
+        self._fixed = list(classes) if classes is not None else None
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"image folder {root} is not a directory")
+        try:
+            super().__init__(str(root), loader=load_image, extensions=EXTENSIONS, transform=transform,
+                             allow_empty=classes is not None)
+        except FileNotFoundError as exc:
+            raise DataError(f"{root}: {exc} (expected the ImageFolder layout DIR/<class>/<image>)") from None
+        if not self.samples:
+            raise DataError(f"no images under {root} (expected DIR/<class>/<image>)")
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        if self._fixed is None:
+            return super().find_classes(directory)
+        extra = sorted(d.name for d in Path(directory).iterdir() if d.is_dir() and d.name not in self._fixed)
+        if extra:
+            raise DataError(f"{directory} has classes not in the training folder: {extra[:5]}")
+        return self._fixed, {c: i for i, c in enumerate(self._fixed)}
+
+
+def train_transform(image_size: int) -> v2.Compose:
+    """The paper's downstream training view: random resized crop (0.08-1) + flip, ImageNet normalisation."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD)),
+    ])
+
+
+def image_folders(train_dir: str | Path, val_dir: str | Path, *, image_size: int, resize: int | None = None,
+                  augment: bool = True) -> tuple[ImageFolderSplit, ImageFolderSplit]:
+    """Train (augmented unless ``augment=False``) and val (resize, center crop) ImageFolder datasets."""
+    eval_tf = build_eval_transform(image_size, resize or default_resize(image_size))
+    train = ImageFolderSplit(train_dir, train_transform(image_size) if augment else eval_tf)
+    return train, ImageFolderSplit(val_dir, eval_tf, classes=train.classes)
+
+
+def new_head(in_features: int, num_classes: int) -> nn.Linear:
+    """The classifier the original restores: weights N(0, 0.01), bias 0."""
+    fc = nn.Linear(in_features, num_classes)
+    nn.init.normal_(fc.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
+def cosine_lambda(total: int) -> Callable[[int], float]:
+    """Per-iteration half-cosine multiplier from 1 to 0 over ``total`` steps, no warmup."""
+    return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / max(1, total)))
+
+
+def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """Number of rows whose target is among the top-k logits, per k (k capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, kmax)
+    hits = top == targets[:, None]
+    return [int(hits[:, : min(k, logits.shape[1])].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(predict: Callable[[Tensor], Tensor], loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 accuracy in percent of ``predict(images) -> logits`` over ``loader``."""
+    correct, total = np.zeros(2, dtype=np.int64), 0
+    for images, targets in loader:
+        logits = predict(images.to(device, non_blocking=True)).float().cpu()
+        correct += topk_correct(logits, targets)
+        total += len(targets)
+    return {"top1": 100.0 * int(correct[0]) / max(1, total), "top5": 100.0 * int(correct[1]) / max(1, total)}
+
+
+def loader(dataset: Any, batch_size: int, *, shuffle: bool, num_workers: int, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=g,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def _sgd(fc: nn.Module, lr: float, momentum: float, weight_decay: float, total: int):
+    opt = torch.optim.SGD(fc.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
+
+
+def linear_probe(backbone: nn.Module, train_dir: str | Path, val_dir: str | Path, *, image_size: int = 224,
+                 resize: int | None = None, epochs: int = 100, lr: float = 0.3, batch_size: int = 256,
+                 momentum: float = 0.9, weight_decay: float = 0.0, stage: str = "layer4", num_workers: int = 4,
+                 device: str | torch.device = "cpu", seed: int = 0) -> dict[str, Any]:
+    """Train a linear head on augmented views through the frozen backbone; top-1/top-5 on val (percent)."""
+    device = torch.device(device)
+    train, val = image_folders(train_dir, val_dir, image_size=image_size, resize=resize)
+    backbone = backbone.to(device).eval().requires_grad_(False)  # frozen, BN statistics fixed
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        dim = stage_features(backbone, val[0][0][None].to(device), stage).shape[1]
+    fc = new_head(dim, len(train.classes)).to(device)
+    train_loader = loader(train, batch_size, shuffle=True, num_workers=num_workers, seed=seed)
+    total = epochs * len(train_loader)
+    opt, sched = _sgd(fc, lr, momentum, weight_decay, total)
+    for epoch in range(epochs):
+        for images, targets in train_loader:
+            with torch.no_grad():
+                feats = stage_features(backbone, images.to(device, non_blocking=True), stage)  # (B, C)
+            loss = nn.functional.cross_entropy(fc(feats), targets.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        log.info("linear probe epoch %d/%d: loss %.4f, lr %.4g", epoch + 1, epochs, loss.item(), sched.get_last_lr()[0])
+    metrics = evaluate(lambda x: fc(stage_features(backbone, x, stage)),
+                       loader(val, batch_size, shuffle=False, num_workers=num_workers), device)
+    return {**metrics, "protocol": "linear probe on augmented views (paper A.1)", "classes": len(train.classes),
+            "train_images": len(train), "val_images": len(val), "epochs": epochs, "iterations": total}
+
+
+def train_linear_on_features(train_x: Tensor, train_y: Tensor, num_classes: int, *, epochs: int = 100,
+                             lr: float = 0.3, batch_size: int = 256, momentum: float = 0.9,
+                             weight_decay: float = 0.0, seed: int = 0) -> nn.Linear:
+    """The probe's head, optimiser and schedule on fixed feature rows (N, C) -> a trained ``Linear``."""
+    torch.manual_seed(seed)
+    fc = new_head(train_x.shape[1], num_classes)
+    batches = DataLoader(TensorDataset(train_x, train_y), batch_size=batch_size, shuffle=True,
+                         generator=torch.Generator().manual_seed(seed))
+    opt, sched = _sgd(fc, lr, momentum, weight_decay, epochs * len(batches))
+    for _ in range(epochs):
+        for x, y in batches:
+            loss = nn.functional.cross_entropy(fc(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return fc
+
+
+def linear_probe_cached(backbone: nn.Module, train_dir: str | Path, val_dir: str | Path, *, image_size: int = 224,
+                        resize: int | None = None, epochs: int = 100, lr: float = 0.3, batch_size: int = 256,
+                        momentum: float = 0.9, weight_decay: float = 0.0, stage: str = "layer4",
+                        num_workers: int = 4, device: str | torch.device = "cpu", seed: int = 0,
+                        cache_dir: str | Path | None = None, source: str = "random") -> dict[str, Any]:
+    """FAST PATH, not the paper protocol: the same head trained on cached center-crop features (no augmentation)."""
+    from capvis.eval.features import cached_features
+
+    train, val = image_folders(train_dir, val_dir, image_size=image_size, resize=resize, augment=False)
+    kwargs = dict(image_size=image_size, resize=resize or default_resize(image_size), stage=stage,
+                  batch_size=batch_size, num_workers=num_workers, device=device)
+    feats = [torch.from_numpy(cached_features(backbone, [p for p, _ in split.samples], cache_dir=cache_dir,
+                                              source=source, **kwargs)) for split in (train, val)]
+    labels = [torch.tensor(split.targets) for split in (train, val)]
+    fc = train_linear_on_features(feats[0], labels[0], len(train.classes), epochs=epochs, lr=lr,
+                                  batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed)
+    with torch.no_grad():
+        correct = topk_correct(fc(feats[1]), labels[1])
+    n = len(labels[1])
+    iterations = epochs * math.ceil(len(train) / batch_size)
+    return {"top1": 100.0 * correct[0] / n, "top5": 100.0 * correct[1] / n,
+            "protocol": "FAST PATH: cached center-crop features, no augmentation (not paper A.1)",
+            "classes": len(train.classes), "train_images": len(train), "val_images": n, "epochs": epochs,
+            "iterations": iterations}

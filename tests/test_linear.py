@@ -1,0 +1,71 @@
+"""Linear probe (`capvis eval linear`): protocol pieces, frozen backbone, both CLI paths on a tiny ImageFolder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers_eval import image_folder, run_cli, tiny_config, tiny_run, world  # noqa: F401 (fixtures)
+
+from capvis.errors import DataError
+from capvis.eval.linear import (
+    cosine_lambda, image_folders, linear_probe, new_head, topk_correct, train_linear_on_features,
+)
+
+
+def test_head_init_and_schedule():
+    torch.manual_seed(0)
+    fc = new_head(2048, 1000)
+    assert fc.weight.std().item() == pytest.approx(0.01, rel=0.02) and torch.all(fc.bias == 0)
+    f = cosine_lambda(100)
+    assert f(0) == 1.0 and f(50) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-12)
+    assert f(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_topk_counts_and_caps_k_at_class_count():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
+    assert topk_correct(logits, torch.tensor([1, 2, 0])) == [1, 3]  # top-5 of 3 classes: every row
+
+
+def test_head_learns_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 3
+    y = torch.arange(4).repeat_interleave(16)
+    x = centers[y] + 0.3 * torch.randn(64, 16, generator=g)
+    fc = train_linear_on_features(x, y, 4, epochs=10, lr=0.3, batch_size=16)
+    assert (fc(x).argmax(1) == y).float().mean() == 1.0
+
+
+def test_probe_keeps_backbone_frozen_in_eval_mode(image_folder, tiny_config):
+    from capvis.loading import load_pretrained
+
+    backbone = load_pretrained("random", config=tiny_config).backbone
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}  # incl. BN running statistics
+    res = linear_probe(backbone, image_folder / "train", image_folder / "val", image_size=32, epochs=1,
+                       batch_size=8, num_workers=0)
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["iterations"] == 3
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_eval_linear_cli_images_and_cached_paths(image_folder, tiny_run, tiny_config, capsys):
+    common = ["--train", str(image_folder / "train"), "--val", str(image_folder / "val"), "--epochs", "2",
+              "--batch-size", "8", "--loader-workers", "0"]
+    res = run_cli(["eval", "linear", "--checkpoint", str(tiny_run), *common], capsys)
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["val_images"] == 16 and "paper" in res["protocol"]
+    fast = run_cli(["eval", "linear", "--checkpoint", "random", "--config", str(tiny_config), "--cached-features",
+                    *common], capsys)
+    assert fast["checkpoint"] == "random" and fast["protocol"].startswith("FAST PATH")
+    assert 0 <= fast["top1"] <= fast["top5"] <= 100 and fast["iterations"] == res["iterations"] == 6
+
+
+def test_val_classes_follow_train_and_unknown_classes_fail(image_folder, tmp_path):
+    train, val = image_folders(image_folder / "train", image_folder / "val", image_size=32)
+    assert val.classes == train.classes and val.class_to_idx == train.class_to_idx
+    (tmp_path / "zebra").mkdir()
+    (tmp_path / "zebra" / "a.jpg").write_bytes((next((image_folder / "val").rglob("*.jpg"))).read_bytes())
+    with pytest.raises(DataError, match="zebra"):
+        image_folders(image_folder / "train", tmp_path, image_size=32)
+    with pytest.raises(DataError, match="ImageFolder layout"):
+        image_folders(tmp_path / "zebra", tmp_path, image_size=32)
