@@ -21,7 +21,7 @@ from capvis.tasks import build_task
 from capvis.tasks.base import count_parameters
 from capvis.train.loop import to_device
 from capvis.train.optim import build_optimizer, inner_optimizer
-from capvis.train.precision import resolve_precision
+from capvis.train.precision import resolve_precision, use_channels_last
 from capvis.train.schedule import build_scheduler
 from capvis.train.step import train_step
 
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                                     f"train.device={args.device}", "data.vocab=", *args.overrides])
     device = torch.device(args.device)
     task = build_task(cfg, cfg.model.vocab_size).to(device)
-    if cfg.train.channels_last:
+    channels_last = use_channels_last(cfg.train.channels_last, device)
+    if channels_last:
         task.to(memory_format=torch.channels_last)
     model = torch.compile(task) if args.compile else task
     optimizer = build_optimizer(task.param_groups(cfg.train), cfg.train)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(cfg.train.precision, device)
     scaler = precision.scaler()
     batch = to_device(random_batch(args.batch_size, args.image_size, cfg.data.max_caption_length,
-                                   cfg.model.vocab_size), device, cfg.train.channels_last)
+                                   cfg.model.vocab_size), device, channels_last)
     task.train()
     for _ in range(args.warmup_steps):
         train_step(model, batch, optimizer, scheduler, scaler, precision, clip_grad_norm=cfg.train.clip_grad_norm)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"config": args.config, "task": cfg.model.task, "backbone": cfg.model.backbone,
            "hidden": cfg.model.textual.hidden, "layers": cfg.model.textual.layers, "device": args.device,
            "precision": precision.name, "batch_size": args.batch_size, "image_size": args.image_size,
-           "threads": torch.get_num_threads(), "steps": args.steps, "seconds_per_step": seconds / args.steps,
+           "threads": torch.get_num_threads(), "channels_last": channels_last, "steps": args.steps, "seconds_per_step": seconds / args.steps,
            "loss": float(result.loss), "images_per_s": args.batch_size * args.steps / seconds,
            "peak_memory_mb": round(peak_memory_mb(device), 1), "params": count_parameters(task)}
     print(json.dumps(out))

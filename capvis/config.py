@@ -113,7 +113,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | none
     clip_grad_norm: float = 10.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)
-    channels_last: bool = True
+    channels_last: bool = True  # on CUDA only (slower on CPU, measured)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     log_every: int = 20

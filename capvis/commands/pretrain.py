@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = pretrain(cfg, args.output, resume=args.resume, progress=not args.no_progress)
     last = summary.get("last") or {}
-    print(f"pretrain: stopped at iteration {summary['iteration']}, loss {last.get('loss', float('nan')):.4f}, "
+    how = "stopped early (resume with --resume)" if summary.get("stopped_early") else "stopped"
+    print(f"pretrain: {how} at iteration {summary['iteration']}, loss {last.get('loss', float('nan')):.4f}, "
           f"output {summary['output']}")
     return 0

@@ -3,11 +3,18 @@
 Keys beyond ``len(dataset)`` encode the epoch (``epoch, i = divmod(key, len)``), so a sampler that
 hands out global positions gets fresh captions and augmentations each epoch, while the same key
 always yields the bit-identical sample, whatever the number of workers and across a resume.
+
+Bad samples (a missing, empty, truncated or undecodable image; a caption that is empty or encodes to
+no known token) are skipped with a counted warning (:mod:`capvis.data.robust`). Since batch sizes
+stay fixed, "skipping" key ``(epoch, i)`` means returning the sample of ``(epoch, i + 1)`` (wrapping
+around), or the next good one after it: a pure function of the key and the files, so still the same
+whatever the number of workers and across a resume.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 import warnings
 from pathlib import Path
@@ -19,39 +26,80 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from capvis.data.annotations import ImageRecord
+from capvis.data.robust import BadSampleBudget
 from capvis.data.tokenizer import EOS_ID, PAD_ID, SOS_ID, Tokenizer, normalize_caption
 from capvis.data.transforms import PairTransform
 from capvis.errors import DataError
 
 
-def load_image(path: str | Path) -> Tensor:
-    """Decode an image file to uint8 (3, H, W) RGB, honouring EXIF rotation; DataError naming the file."""
-    from torchvision.io import ImageReadMode, decode_image
+class BadSampleError(DataError):
+    """An image or caption that cannot be used; datasets skip these within ``data.max_bad_fraction``."""
 
+
+def load_image(path: str | Path) -> Tensor:
+    """Decode an image file to uint8 (3, H, W) RGB; BadSampleError (a DataError) naming the file.
+
+    EXIF orientation is applied; grayscale, palette and CMYK images become RGB; alpha is dropped
+    (not composited); 16-bit images keep their 8 most significant bits. JPEGs (the bulk of caption
+    datasets) go through torchvision's libjpeg-turbo decoder, everything else through PIL: torchvision's
+    PNG decoder crashes the process (SIGSEGV) on a PNG whose image data is short.
+    """
     path = Path(path)
     try:
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    if data.numel() == 0:
-        raise DataError(f"image file {path} is empty")
+        raise BadSampleError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if not raw:
+        raise BadSampleError(f"image file {path} is empty")
+    _check_pixel_count(raw, path)
+    if raw[:3] != b"\xff\xd8\xff":
+        return _load_with_pil(path, raw)
+    from torchvision.io import ImageReadMode, decode_image
+
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     try:
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
             warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError):
-        return _load_with_pil(path)  # formats torchvision cannot decode (e.g. some TIFF/BMP variants)
+        return _load_with_pil(path, raw)  # JPEG variants libjpeg-turbo refuses (e.g. arithmetic coding)
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
 
 
-def _load_with_pil(path: Path) -> Tensor:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+MAX_PIXELS = 2 * 89_478_485  # PIL's decompression-bomb error threshold (about 179 megapixels)
+
+
+def _check_pixel_count(raw: bytes, path: Path) -> None:
+    """Refuse a header that claims a gigantic image (a few bytes could otherwise allocate gigabytes)."""
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
-            array = np.asarray(rgb, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: judged below
+            with Image.open(io.BytesIO(raw)) as im:  # reads the header only
+                width, height = im.size
+    except Image.DecompressionBombError as exc:
+        raise BadSampleError(f"image {path} is too large to decode ({exc})") from None
+    except Exception:  # not a format PIL knows, or a broken header: the decoder will judge
+        return
+    if width * height > MAX_PIXELS:
+        raise BadSampleError(f"image {path} claims {width}x{height} pixels, more than {MAX_PIXELS} "
+                             "(a decompression bomb?)")
+
+
+def _load_with_pil(path: Path, raw: bytes | None = None) -> Tensor:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(raw) if raw is not None else path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16/32-bit gray: convert("RGB") would clip
+                im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError, ... for bad files
+        raise BadSampleError(f"cannot decode image {path}: {exc}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
@@ -86,6 +134,8 @@ class CaptionDataset(Dataset):
         max_caption_length: tokens kept, [SOS] and [EOS] included; as in VirTex, a truncated caption
             loses its [EOS] (the tail is cut from the right).
         num_categories: K for the multi-hot ``categories`` target of records that carry categories.
+        max_bad_fraction: share of visited samples that may be bad before a DataError
+            (``data.max_bad_fraction``; see :class:`~capvis.data.robust.BadSampleBudget`).
     """
 
     def __init__(
@@ -98,6 +148,7 @@ class CaptionDataset(Dataset):
         one_caption_per_image: bool = False,
         *,
         num_categories: int | None = None,
+        max_bad_fraction: float = 0.01,
     ) -> None:
         if not records:
             raise DataError("dataset has no images")
@@ -108,27 +159,54 @@ class CaptionDataset(Dataset):
         self.seed = seed
         self.one_caption_per_image = one_caption_per_image
         self.num_categories = num_categories
+        self.budget = BadSampleBudget(max_bad_fraction)  # per process: each worker has its own copy
+        self._bad_images: dict[int, str] = {}  # record index -> reason, to skip known-bad files fast
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, key: int) -> dict[str, Any]:
-        epoch, i = divmod(int(key), len(self.records))
+        """The sample of ``key``, or of the next good index in the same epoch if it is bad."""
+        n = len(self.records)
+        epoch, i = divmod(int(key), n)
+        last = ""
+        for step in range(n):
+            j = (i + step) % n
+            try:
+                sample = self.sample(epoch, j)
+            except BadSampleError as exc:
+                last = str(exc)
+                self.budget.record_bad(str(self.records[j].path), last)  # DataError when over budget
+                continue
+            self.budget.good()
+            return sample
+        raise DataError(f"all {n} samples of the dataset are unusable; last: {last}")
+
+    def sample(self, epoch: int, i: int) -> dict[str, Any]:
+        """The sample of image ``i`` in ``epoch``; BadSampleError if its image or caption is unusable."""
         record = self.records[i]
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
-        caption = normalize_caption(record.captions[self.caption_index(record, epoch, i, generator)])
-        image = load_image(record.path)
+        raw = record.captions[self.caption_index(record, epoch, i, generator)]
+        caption = normalize_caption(raw)
+        if not caption:
+            raise BadSampleError(f"{record.path}: caption {_short(raw)!r} is empty")
+        if i in self._bad_images:
+            raise BadSampleError(self._bad_images[i])
+        try:
+            image = load_image(record.path)
+        except BadSampleError as exc:
+            self._bad_images[i] = str(exc)
+            raise
         if isinstance(self.transform, PairTransform):
             image, caption = self.transform(image, caption, generator)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
                 image = self.transform(image)
-        sample: dict[str, Any] = {
-            "image": image,
-            "caption_tokens": self.tokens(caption),
-            "image_id": record.image_id,
-        }
+        tokens = self.tokens(caption)
+        if not self.tokenizer.decode(tokens.tolist()).strip():  # only <unk> and word-boundary pieces
+            raise BadSampleError(f"{record.path}: caption {_short(raw)!r} encodes to no known word")
+        sample: dict[str, Any] = {"image": image, "caption_tokens": tokens, "image_id": record.image_id}
         if self.num_categories and record.categories is not None:
             sample["categories"] = self.multi_hot(record.categories, record.path)
         return sample
@@ -151,6 +229,10 @@ class CaptionDataset(Dataset):
                 raise DataError(f"{path}: category {c} outside [0, {target.numel()})")
             target[c] = 1.0
         return target
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def collate_captions(samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:

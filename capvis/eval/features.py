@@ -65,7 +65,7 @@ def extract_features(backbone: nn.Module, paths: Sequence[str | Path], *, image_
                         batch_size=batch_size, num_workers=num_workers)
     out = []
     for images in tqdm(loader, desc=f"features {stage}", disable=not progress):
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        images = images.to(device)
         out.append(stage_features(backbone, images, stage).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 

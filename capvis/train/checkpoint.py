@@ -8,6 +8,7 @@ newest checkpoint is reported and the previous good one is used. The last K are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -26,6 +27,14 @@ from capvis.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)\.pt$")
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once (os.umask can only read it by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def rng_state() -> dict[str, Any]:
@@ -64,6 +73,7 @@ def _atomic_write_bytes(data: bytes, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from the rest of a team
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -90,11 +100,20 @@ def atomic_save(state: dict[str, Any], path: str | Path) -> Path:
     data = buffer.getvalue()
     try:
         _atomic_write_bytes(data, path)
-        _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), _sidecar(path))
     except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
-                              "earlier checkpoints are intact") from None
+        raise _write_error(path, exc) from None
+    try:
+        _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), _sidecar(path))
+    except OSError as exc:  # an unverifiable checkpoint is not kept: all or nothing
+        path.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
     return path
+
+
+def _write_error(path: Path, exc: OSError) -> CheckpointError:
+    earlier = [p for p in list_checkpoints(path.parent) if p != path]
+    kept = f"the newest earlier checkpoint {earlier[-1].name} is intact" if earlier else "no earlier checkpoint exists"
+    return CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; {kept}")
 
 
 def _sidecar(path: Path) -> Path:
@@ -140,11 +159,14 @@ def latest_valid_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]
         try:
             return path, load_checkpoint(path)
         except CheckpointError as exc:
-            log.warning("skipping %s", exc)
+            log.warning("%s; falling back to the previous checkpoint", exc)
     return None
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (0: keep all), and temporary files a crash left."""
+    for tmp in Path(directory).glob(".checkpoint_*.tmp"):
+        tmp.unlink(missing_ok=True)
     if keep <= 0:
         return
     for path in list_checkpoints(directory)[:-keep]:

@@ -3,12 +3,20 @@
 ``pretrain(cfg, output)`` builds data, task, optimizer and schedule from the config, then runs
 ``train_step`` until ``train.iterations``, logging, validating and checkpointing on the way.
 The task is a plug-in: this file never looks at its name.
+
+Faults: SIGTERM/SIGINT finish the current step, write a checkpoint and return (``stopped_early``);
+``train.max_bad_steps`` consecutive non-finite steps (each skipped, weights untouched) stop the run
+with a CapvisError after saving the last good state. A *periodic* checkpoint that cannot be written
+(disk full, read-only) is logged and training goes on (the next checkpoint retries, earlier ones stay
+intact); a checkpoint that cannot be written at the end, on a stop request or after bad steps is an
+error, since the run would otherwise end with its latest work unsaved.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,13 +25,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from capvis.config import Config, dump_config
-from capvis.errors import CapvisError, CheckpointError
+from capvis.data.robust import unwrap_worker_error
+from capvis.data.shards import is_shard_pattern
+from capvis.errors import CapvisError, CheckpointError, ConfigError, DataError
 from capvis.tasks import build_task
 from capvis.train import checkpoint as ckpt
 from capvis.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from capvis.train.metrics import MetricsSink
 from capvis.train.optim import build_optimizer, inner_optimizer
-from capvis.train.precision import Precision, resolve_precision
+from capvis.train.precision import Precision, resolve_precision, use_channels_last
 from capvis.train.schedule import build_scheduler
 from capvis.train.signals import StopRequest
 from capvis.train.step import train_step
@@ -60,6 +70,25 @@ def resolve_resume(resume: str | None, output: Path) -> tuple[Path, dict[str, An
     return path, ckpt.load_checkpoint(path)
 
 
+def preflight(cfg: Config, resume: str | None) -> None:
+    """Cheap checks that must fail before any work (process group, model, data): paths and world size."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} processes "
+                          "(WORLD_SIZE)")
+    if cfg.data.vocab and not Path(cfg.data.vocab).is_file():
+        raise DataError(f"vocabulary not found: {cfg.data.vocab} (build one with `capvis vocab`)")
+    for key in ("train", "val"):
+        spec = getattr(cfg.data, key)
+        if spec and not is_shard_pattern(spec) and not Path(spec).exists():  # shards: checked when expanded
+            raise DataError(f"data.{key}: annotation file not found: {spec}")
+        images = getattr(cfg.data, f"{key}_images")
+        if images and not Path(images).is_dir():
+            raise DataError(f"data.{key}_images: image folder not found: {images}")
+    if resume not in (None, "auto") and not Path(resume).exists():
+        raise CheckpointError(f"checkpoint not found: {resume}")
+
+
 def step_seed(seed: int, rank: int, iteration: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + iteration) % (2**63)
 
@@ -71,6 +100,7 @@ class Trainer:
                  info: DistInfo | None = None) -> None:
         from capvis.data.pipeline import build_train_loader, build_val_loader, load_vocabulary
 
+        preflight(cfg, resume)
         self.cfg, self.output = cfg, Path(output)
         self.info = info or init_distributed(cfg.train.device)
         self.device = self.info.device
@@ -78,13 +108,15 @@ class Trainer:
         vocab_size = self.tokenizer.vocab_size if self.tokenizer is not None else cfg.model.vocab_size
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task = build_task(cfg, vocab_size).to(self.device)
-        if cfg.train.channels_last:
+        self.channels_last = use_channels_last(cfg.train.channels_last, self.device)
+        if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.task.param_groups(cfg.train), cfg.train)
         self.scheduler = build_scheduler(inner_optimizer(self.optimizer), cfg.train)
         self.precision: Precision = resolve_precision(cfg.train.precision, self.device)
         self.scaler = self.precision.scaler()
         self.start = 0
+        self.saved_at: tuple[int, Path | None] | None = None  # (iteration, path) of the last written checkpoint
         resumed = resolve_resume(resume, self.output)
         if resumed is not None:
             self._restore(*resumed)
@@ -109,6 +141,14 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
+    def save_periodic(self, iteration: int) -> Path | None:
+        """A periodic checkpoint: a failure is logged and training continues (the next one retries)."""
+        try:
+            return self.save(iteration)
+        except CheckpointError as exc:
+            log.warning("%s; training continues and retries at the next checkpoint", exc)
+            return None
+
     def save(self, iteration: int) -> Path | None:
         path = None
         if self.info.is_main:
@@ -119,7 +159,14 @@ class Trainer:
             path = ckpt.atomic_save(state, ckpt.checkpoint_path(self.output / "checkpoints", iteration))
             ckpt.prune_checkpoints(self.output / "checkpoints", self.cfg.train.keep_checkpoints)
         barrier(self.info)
+        self.saved_at = (iteration, path)
         return path
+
+    def ensure_saved(self, iteration: int) -> Path | None:
+        """Write a checkpoint of ``iteration`` unless one was just written; errors propagate."""
+        if self.saved_at is not None and self.saved_at[0] == iteration:
+            return self.saved_at[1]
+        return self.save(iteration)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -129,15 +176,18 @@ class Trainer:
             if self.cfg.train.val_batches and i >= self.cfg.train.val_batches:
                 break
             with self.precision.autocast():
-                total += self.task(to_device(batch, self.device, self.cfg.train.channels_last)).loss.float()
+                total += self.task(to_device(batch, self.device, self.channels_last)).loss.float()
             count += 1
         self.task.train()
         mean = all_reduce_mean(total / max(count, 1), self.info)
         return {"loss": float(mean.item())}
 
     def _batches(self) -> Iterator[dict[str, Any]]:
-        for batch in self.train_loader:
-            yield to_device(batch, self.device, self.cfg.train.channels_last)
+        try:
+            for batch in self.train_loader:
+                yield to_device(batch, self.device, self.channels_last)
+        except CapvisError as exc:  # e.g. DataError (too many bad samples) from a worker: keep it one line
+            raise unwrap_worker_error(exc) from None
 
     def run(self, *, until: int | None = None) -> dict[str, Any]:
         """Train to ``train.iterations`` (or stop early after iteration ``until``, with a checkpoint)."""
@@ -149,7 +199,7 @@ class Trainer:
                            progress=self.progress)
         self.task.train()
         batches = self._batches()
-        bad_steps, last = 0, None
+        bad_steps, last, stopped = 0, None, False
         window_start, window_images = time.perf_counter(), 0
         iteration = self.start
         try:
@@ -163,11 +213,14 @@ class Trainer:
                                         self.precision, clip_grad_norm=t.clip_grad_norm)
                     iteration += 1
                     window_images += batch["image"].shape[0] * self.info.world_size
-                    bad_steps = 0 if result.finite else bad_steps + 1
-                    if not result.finite:
-                        log.warning("iteration %d: non-finite loss or gradient, update skipped", iteration)
+                    # under fp16 an overflowing gradient is the scaler's business; only a NaN/inf loss is bad
+                    bad = not (result.loss_finite if self.precision.uses_scaler else result.finite)
+                    bad_steps = bad_steps + 1 if bad else 0
+                    if bad:
+                        log.warning("iteration %d: non-finite loss or gradient, update skipped (%d in a row, "
+                                    "limit train.max_bad_steps=%d)", iteration, bad_steps, t.max_bad_steps)
                         if bad_steps >= t.max_bad_steps:
-                            path = self.save(iteration)
+                            path = self.ensure_saved(iteration)
                             raise CapvisError(
                                 f"loss was non-finite for {bad_steps} consecutive steps (iteration {iteration}); "
                                 f"last good weights saved to {path}; lower the learning rate or use fp32")
@@ -178,20 +231,22 @@ class Trainer:
                         window_start, window_images = time.perf_counter(), 0
                     if self.val_loader is not None and iteration % (t.val_every or t.checkpoint_every) == 0:
                         sink.log(iteration, self.validate(), prefix="val")
-                    if iteration % t.checkpoint_every == 0 or iteration == t.iterations:
+                    if iteration == t.iterations:
                         self.save(iteration)
+                    elif iteration % t.checkpoint_every == 0:
+                        self.save_periodic(iteration)
                     if until is not None and iteration >= until and iteration < t.iterations:
-                        if iteration % t.checkpoint_every:
-                            self.save(iteration)
+                        self.ensure_saved(iteration)
                         break
-                    if stop.requested():
-                        if iteration % t.checkpoint_every and iteration != t.iterations:
-                            self.save(iteration)
-                        log.warning("stop requested: checkpoint written at iteration %d, exiting", iteration)
+                    if stop.requested() and iteration < t.iterations:
+                        path = self.ensure_saved(iteration)  # a failed periodic save is retried here
+                        log.warning("%s received: stopped early at iteration %d of %d, checkpoint %s; "
+                                    "continue with --resume auto", stop.signal_name, iteration, t.iterations, path)
+                        stopped = True
                         break
         finally:
             sink.close()
-        return {"iteration": iteration, "last": last, "output": str(self.output)}
+        return {"iteration": iteration, "last": last, "output": str(self.output), "stopped_early": stopped}
 
     def _log(self, sink: MetricsSink, iteration: int, result: Any, images_per_s: float) -> dict[str, Any]:
         lrs = [g["lr"] for g in self.optimizer.param_groups]

@@ -1,5 +1,10 @@
 """Pre-emption: SIGTERM/SIGINT ask the loop to checkpoint and leave, instead of dying mid-step.
 
+The first signal only sets a flag; the loop finishes its step, writes a checkpoint and returns, and
+``capvis pretrain`` exits 0. A *second* signal of the same kind means "now": the previous handler
+is restored and the signal re-delivered (SIGINT raises KeyboardInterrupt, SIGTERM kills), losing at
+most the iterations since the last checkpoint, as SIGKILL does.
+
 Under DDP the ranks agree (an all-reduce of the flag each step), so every rank stops at the same
 iteration and no collective is left waiting.
 """
@@ -22,10 +27,20 @@ class StopRequest:
     def __init__(self, info: DistInfo) -> None:
         self.info = info
         self._flag = False
+        self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "stop request"
+
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self._flag and signum == self.signum:  # asked twice: stop now, the old way
+            signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
         self._flag = True
+        self.signum = signum
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -35,7 +50,11 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def request(self) -> None:
+        """Ask for a stop from code (as a signal would)."""
+        self._flag = True
 
     def requested(self) -> bool:
         if not self.info.enabled:
