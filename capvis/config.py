@@ -64,7 +64,7 @@ class ContrastiveConfig:
     embed_dim: int = 256
     init_temperature: float = 0.07
     text_encoder: str = ""  # icmlm: a capvis masked-LM checkpoint for the frozen text encoder
-    text_pool: str = "eos"  # text feature: eos (the [EOS] / last token's state) | mean (over tokens)
+    text_pool: str = "mean"  # text feature: mean (over non-pad tokens) | eos (the [EOS] / last token's state)
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from capvis.config import Config, apply_overrides, load_config
 from capvis.data.annotations import read_caption_texts
-from capvis.data.labels import label_matrix, read_label_file
 from capvis.data.tokenizer import Tokenizer, train_tokenizer
 from capvis.data.world import write_world
-from capvis.eval.features import extract_features
-from capvis.eval.svm import train_eval_svms
+from capvis.eval.downstream import svm_eval_label_files
 from capvis.tasks import build_task
 from capvis.train.loop import Trainer
 
@@ -95,31 +92,20 @@ def random_task(cfg: Config, vocab_size: int) -> torch.nn.Module:
     return build_task(cfg, vocab_size).eval()
 
 
-def split_images(world: Path, split: str) -> tuple[list[Path], dict[str, list[str]], list[dict]]:
-    tasks, entries = read_label_file(world / "annotations" / f"labels_{split}.json")
-    return [world / split / e["file_name"] for e in entries], tasks, entries
-
-
 def svm_evaluate(backbone: torch.nn.Module, world: Path, image_size: int, *, workers: int = 2) -> dict[str, float]:
     """VOC07 protocol (paper A.1) on CaptionWorld's downstream labels: SVMs on GAP features of
-    the ``val`` images, mAP on the ``test`` images; neither split was seen in pretraining."""
-    train_paths, tasks, train_entries = split_images(world, "val")
-    test_paths, _, test_entries = split_images(world, "test")
-    kwargs = {"image_size": image_size, "resize": image_size, "batch_size": 128}
-    train_x = extract_features(backbone, train_paths, **kwargs)
-    test_x = extract_features(backbone, test_paths, **kwargs)
-    results = {}
-    for task, classes in tasks.items():
-        train_y = label_matrix(train_entries, task, len(classes))
-        test_y = label_matrix(test_entries, task, len(classes))
-        with warnings.catch_warnings():  # rare classes without enough positives: one line, not one per class
-            warnings.simplefilter("ignore")
-            result = train_eval_svms(train_x, train_y, test_x, test_y, workers=workers, class_names=classes)
+    the ``val`` images, mAP on the ``test`` images; neither split was seen in pretraining.
+    Images are used whole (resize = crop = the world's size): a crop would cut off labelled objects."""
+    with warnings.catch_warnings():  # rare classes without enough positives: one line, not one per class
+        warnings.simplefilter("ignore")
+        results = svm_eval_label_files(backbone, world / "annotations" / "labels_val.json",
+                                       world / "annotations" / "labels_test.json", image_size=image_size,
+                                       resize=image_size, batch_size=128, workers=workers, details=True)
+    for task, result in results.items():
         if result.skipped:
-            log.info("%s: %d of %d classes have too few examples for 3-fold CV and are left out of mAP",
-                     task, len(result.skipped), len(classes))
-        results[task] = round(float(result.map), 2)
-    return results
+            log.info("%s: %d classes have too few examples for 3-fold CV and are left out of mAP",
+                     task, len(result.skipped))
+    return {task: round(float(result.map), 2) for task, result in results.items()}
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -129,6 +115,3 @@ def write_json(path: Path, data: Any) -> None:
 def load_tokenizer(path: Path) -> Tokenizer:
     return Tokenizer(path)
 
-
-def feature_stats(x: np.ndarray) -> dict[str, float]:
-    return {"mean": float(x.mean()), "std": float(x.std())}
