@@ -87,7 +87,7 @@ def test_sigterm_then_sigkill_then_resume_match_uninterrupted(tmp_path, coco_fix
     assert "SIGTERM received: stopped early at iteration" in stderr
     stopped = int(ckpt.CHECKPOINT_RE.search(ckpt.list_checkpoints(out / "checkpoints")[-1].name).group(1))
     assert 2 <= stopped < ITERATIONS and _logged(out) == stopped  # nothing ran past the checkpoint
-    assert f"stopped at iteration {stopped}" in stdout
+    assert f"stopped early (resume with --resume) at iteration {stopped}" in stdout
 
     # 2. Resume, then SIGKILL past the next periodic checkpoint: only the iterations after it are lost.
     proc = _start(out, overrides, resume=True)
