@@ -31,7 +31,7 @@ DEFAULT_TASKS = ("bicaptioning", "captioning", "token_classification", "multilab
 
 BUDGETS: dict[str, DemoSizes] = {
     # a few minutes per task on a 2-core CPU
-    "small": DemoSizes(train_images=4000, svm_train_images=1000, svm_test_images=600, iterations=200,
+    "small": DemoSizes(train_images=4000, svm_train_images=1000, svm_test_images=600, iterations=300,
                        caption_images=0, attention_images=0, overrides=("train.warmup=20",)),
     # the demo's budget per task
     "default": DemoSizes(caption_images=0, attention_images=0),
