@@ -135,3 +135,21 @@ def test_stop_request_in_process_checkpoints_and_reports(tmp_path, coco_fixture,
     summary = trainer.run()
     assert summary["stopped_early"] and summary["iteration"] == 2
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_00000002.pt"]
+
+
+@pytest.mark.skipif(not CAPVIS.is_file(), reason="console script not installed")
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, coco_fixture, coco_tokenizer_path):
+    """A scheduler signals the whole process group: loader workers must not die before the main
+    process has written its checkpoint."""
+    out = tmp_path / "group"
+    overrides = [*_overrides(coco_fixture, coco_tokenizer_path), "data.num_workers=2"]
+    cmd = [str(CAPVIS), "pretrain", "--config", "bicaptioning_R_50_L1_H2048", "--output", str(out),
+           "--no-progress", *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(proc, out, 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped early" in stdout
+    stopped = int(ckpt.CHECKPOINT_RE.search(ckpt.list_checkpoints(out / "checkpoints")[-1].name).group(1))
+    assert stopped == _logged(out) >= 2

@@ -10,6 +10,7 @@ Like DistributedSampler, each rank takes a disjoint slice of every epoch's permu
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -64,10 +65,21 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.train.batch_size // world_size
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the main process.
+
+    A scheduler that pre-empts a job signals its whole process group (Slurm, Ctrl-C in a shell); a
+    worker killed by that signal would make the main process fail before it can checkpoint. The main
+    process handles the signal (capvis.train.signals) and shuts the workers down itself.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, *, batch_size: int, sampler: Sampler, num_workers: int, collate,
                 pin_memory: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, pin_memory=pin_memory, drop_last=False,
+                      collate_fn=collate, pin_memory=pin_memory, drop_last=False, worker_init_fn=ignore_stop_signals,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
 
@@ -77,4 +89,5 @@ def make_stream_loader(dataset: IterableDataset, *, batch_size: int, num_workers
     from worker ``j % num_workers``, which :class:`capvis.data.streaming.ShardStream` relies on to resume."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                       pin_memory=pin_memory, drop_last=False, persistent_workers=persistent and num_workers > 0,
+                      worker_init_fn=ignore_stop_signals,
                       prefetch_factor=4 if num_workers > 0 else None)
