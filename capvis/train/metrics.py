@@ -24,6 +24,7 @@ class MetricsSink:
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._write_failed = False
         if not enabled:
             return
         self.output.mkdir(parents=True, exist_ok=True)
@@ -42,8 +43,7 @@ class MetricsSink:
             return
         record = {"iteration": iteration, **values} if prefix == "train" else \
             {"iteration": iteration, **{f"{prefix}/{k}": v for k, v in values.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._write(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
@@ -51,6 +51,17 @@ class MetricsSink:
         if self._bar is not None and prefix == "train":
             shown = {k: values[k] for k in ("loss", "lr", "images_per_s") if k in values}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def _write(self, line: str) -> None:
+        """A full disk must not stop training: say so once, keep going (checkpoints report their own failures)."""
+        try:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+        except OSError as exc:
+            if not self._write_failed:
+                log.warning("could not write %s (%s): metrics are not being recorded; training goes on",
+                            self.output / "metrics.jsonl", exc.strerror or exc)
+            self._write_failed = True
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
