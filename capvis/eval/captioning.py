@@ -31,8 +31,6 @@ from capvis.data.datasets import load_image
 from capvis.data.tokenizer import Tokenizer
 from capvis.errors import CheckpointError, ConfigError, DataError
 from capvis.train.loop import Trainer
-from capvis.train.optim import build_optimizer, inner_optimizer
-from capvis.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -243,34 +241,22 @@ def load_matching(task: nn.Module, state: dict[str, Tensor]) -> list[str]:
 class CaptionFinetuner(Trainer):
     """The pretraining :class:`Trainer`, started from a checkpoint's weights, optionally with a frozen backbone.
 
-    The Trainer builds task, optimizer and scheduler in one go; this subclass then loads the weights,
-    freezes, and rebuilds optimizer and scheduler so that they hold only trainable parameters
-    (``param_groups`` skips ``requires_grad=False``). A resume is deferred until after the rebuild.
+    Weights and freezing happen in :meth:`prepare_task`, before the Trainer builds the optimizer (which
+    then holds only trainable parameters), restores a resumed run over them, and wraps DDP.
     """
 
     def __init__(self, cfg: Config, output: str | Path, *, init_state: dict[str, Tensor] | None,
                  freeze_backbone: bool = False, resume: str | None = None, progress: bool = True) -> None:
-        self._resumed: tuple[Path, dict[str, Any]] | None = None
-        super().__init__(cfg, output, resume=resume, progress=progress)
+        self._init_state, self._freeze_backbone = init_state, freeze_backbone
         self.new_keys: list[str] = []
-        if self._resumed is None and init_state is not None:
-            self.new_keys = load_matching(self.task, init_state)
-        if freeze_backbone:
-            freeze(self.task.visual)
-        self.optimizer = build_optimizer(self.task.param_groups(cfg.train), cfg.train)
-        self.scheduler = build_scheduler(inner_optimizer(self.optimizer), cfg.train)
-        if self._resumed is not None:
-            Trainer._restore(self, *self._resumed)
-        if self.info.enabled:  # DDP must see the final requires_grad flags
-            from torch.nn.parallel import DistributedDataParallel
+        super().__init__(cfg, output, resume=resume, progress=progress)
 
-            del self.model
-            self.model = DistributedDataParallel(
-                self.task, device_ids=[self.device] if self.device.type == "cuda" else None)
-
-    def _restore(self, path: Path, state: dict[str, Any]) -> None:
-        self._resumed = (path, state)
-        self.start = int(state["iteration"])  # the train loader is built from this before the real restore
+    def prepare_task(self, task: torch.nn.Module) -> torch.nn.Module:
+        if self._init_state is not None:
+            self.new_keys = load_matching(task, self._init_state)
+        if self._freeze_backbone:
+            freeze(task.visual)
+        return task
 
 
 def finetune_captioning(checkpoint: str | Path, output: str | Path, *, train: str | Path,

@@ -107,7 +107,7 @@ class Trainer:
         self.tokenizer = load_vocabulary(cfg)
         vocab_size = self.tokenizer.vocab_size if self.tokenizer is not None else cfg.model.vocab_size
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.task = build_task(cfg, vocab_size).to(self.device)
+        self.task = self.prepare_task(build_task(cfg, vocab_size)).to(self.device)
         self.channels_last = use_channels_last(cfg.train.channels_last, self.device)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
@@ -125,6 +125,11 @@ class Trainer:
         self.train_loader = build_train_loader(cfg, self.tokenizer, self.info, start_iteration=self.start)
         self.val_loader = build_val_loader(cfg, self.tokenizer, self.info)
         self.progress = progress
+
+    def prepare_task(self, task: torch.nn.Module) -> torch.nn.Module:
+        """Hook for subclasses (fine-tuning): load weights, freeze parts. Runs before the optimizer,
+        the resume and DDP are set up, so all of them see the final parameters and flags."""
+        return task
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         try:
