@@ -115,16 +115,21 @@ def test_sigterm_then_sigkill_then_resume_match_uninterrupted(tmp_path, coco_fix
 
 
 def test_stop_request_flag_second_signal_and_restore():
-    previous = signal.getsignal(signal.SIGTERM)
-    with StopRequest(DistInfo()) as stop:
-        assert not stop.requested() and stop.signal_name == "stop request"
-        os.kill(os.getpid(), signal.SIGINT)  # first signal: only a flag, no KeyboardInterrupt
-        assert stop.requested() and stop.signal_name == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):  # second: stop now
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)
-    assert signal.getsignal(signal.SIGTERM) is previous
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a shell may start the test run with SIGINT ignored (background jobs): make it Python's default here
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        with StopRequest(DistInfo()) as stop:
+            assert not stop.requested() and stop.signal_name == "stop request"
+            os.kill(os.getpid(), signal.SIGINT)  # first signal: only a flag, no KeyboardInterrupt
+            assert stop.requested() and stop.signal_name == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):  # second: stop now
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+        assert signal.getsignal(signal.SIGTERM) is previous
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, original)
 
 
 def test_stop_request_in_process_checkpoints_and_reports(tmp_path, coco_fixture, coco_tokenizer_path, monkeypatch):
