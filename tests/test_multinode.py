@@ -9,7 +9,6 @@ mean loss and averaged gradients equal the single process's: losses and final we
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,24 +19,7 @@ from capvis.train import checkpoint as ckpt
 from capvis.train.loop import read_metrics
 
 from conftest import write_coco
-
-SAME_LENGTH = [["a dog runs on the grass."]] * 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pretrain_args(coco, vocab, out) -> list[str]:
-    return ["pretrain", "--config", "bicaptioning_R_50_L1_H2048", "--output", str(out), "--no-progress",
-            f"data.train={coco}", "data.val=", f"data.vocab={vocab}", "model.backbone=resnet18",
-            "model.small_stem=true", "model.visual_norm=group", "data.image_size=32", "model.textual.hidden=64",
-            "model.textual.dropout=0", "train.batch_size=4", "data.num_workers=0", "train.iterations=3",
-            "train.warmup=1", "train.log_every=1", "train.checkpoint_every=3", "train.channels_last=false",
-            "train.device=cpu"]
-
+from test_distributed import SAME_LENGTH, free_port, pretrain_args
 
 @pytest.mark.slow
 def test_two_nodes_on_one_machine_match_one_process(tmp_path, coco_tokenizer_path):
