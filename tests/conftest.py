@@ -53,3 +53,46 @@ def coco_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     texts += [f"a photo of {n} {w} on the left or the right." for n in ("one", "two", "three")
               for w in ("dogs", "cats", "people", "plates")]
     return train_tokenizer(texts, tmp_path_factory.mktemp("vocab") / "tiny", vocab_size=120)
+
+
+# -- process-wide torch state ------------------------------------------------------------------
+# A test that changes torch's global settings (thread count, default dtype, grad mode, deterministic
+# kernels) must not change the numerics of the tests after it: the thread count, for one, changes the
+# order of CPU reductions and so the 7th digit of a loss. Each test starts from the settings the
+# session began with, and gets them back afterwards whatever it did.
+
+def _torch_globals() -> dict:
+    import torch
+
+    return {"threads": torch.get_num_threads(), "dtype": torch.get_default_dtype(),
+            "grad": torch.is_grad_enabled(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "anomaly": torch.is_anomaly_enabled()}
+
+
+def _set_torch_globals(state: dict) -> None:
+    import torch
+
+    torch.set_num_threads(state["threads"])
+    torch.set_default_dtype(state["dtype"])
+    torch.set_grad_enabled(state["grad"])
+    torch.use_deterministic_algorithms(state["deterministic"])
+    torch.autograd.set_detect_anomaly(state["anomaly"])
+
+
+_SESSION_TORCH = _torch_globals()  # read at conftest import, before any test module is imported
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    _set_torch_globals(_SESSION_TORCH)
+    yield
+    _set_torch_globals(_SESSION_TORCH)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (faster for tiny models on a busy machine); restored after."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield

@@ -33,8 +33,12 @@ def make_tiny_run(root: Path, iterations: int = 20, *extra: str) -> dict[str, Pa
     cfg = load_config("bicaptioning_R_50_L1_H2048", [f"data.train={train}", f"data.val={val}", f"data.vocab={vocab}",
                                                      *TINY, f"train.iterations={iterations}",
                                                      f"train.checkpoint_every={iterations}", *extra])
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    Trainer(cfg, root / "run", progress=False).run()
+    try:
+        Trainer(cfg, root / "run", progress=False).run()
+    finally:
+        torch.set_num_threads(threads)
     return {"world": world, "train": train, "val": val, "vocab": vocab, "run": root / "run"}
 
 

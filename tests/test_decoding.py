@@ -12,7 +12,7 @@ from capvis.errors import ConfigError
 from capvis.models.decoding import BANNED_IDS, beam_search, decode, greedy_decode, nucleus_sample
 from capvis.tasks import CaptioningTask, build_task
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test (conftest)
 
 EOS = 2
 

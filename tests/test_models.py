@@ -10,7 +10,7 @@ from capvis.errors import ConfigError
 from capvis.models import BACKBONES, TextualHead, build_backbone
 from capvis.models.attention import TransformerDecoderLayer
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test (conftest)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

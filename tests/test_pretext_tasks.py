@@ -18,7 +18,7 @@ from capvis.tasks.classification import soft_target_loss, token_targets
 from capvis.tasks.contrastive import clip_loss
 from capvis.tasks.masked_lm import IGNORE_INDEX, mask_tokens
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test (conftest)
 
 VOCAB = 48
 NEW_TASKS = ("token_classification", "multilabel_classification", "masked_lm", "icmlm", "contrastive")

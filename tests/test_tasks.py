@@ -17,7 +17,7 @@ from capvis.tasks import TASKS, BicaptioningTask, CaptioningTask, build_task, co
 from capvis.tasks.captioning import caption_loss, reverse_captions
 from capvis.train.optim import build_optimizer
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test (conftest)
 
 DATA = Path(__file__).parent / "data"
 PAPER = dict(total=182_555_472, visual=23_508_032, textual=159_047_440)

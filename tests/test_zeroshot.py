@@ -14,7 +14,7 @@ from capvis.errors import ConfigError
 from capvis.eval.zeroshot import class_embeddings, top1_any_label
 from capvis.tasks import build_task
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test (conftest)
 
 
 def test_top1_counts_any_label_and_reports_chance() -> None:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -37,8 +38,22 @@ def _umask() -> int:
     return mask
 
 
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as a tensor and plain values (an ndarray would need numpy's pickle globals)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: Any) -> None:
+    if isinstance(state, dict):
+        state = (state["bit_generator"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                 state["cached_gaussian"])
+    np.random.set_state(state)  # a tuple: a checkpoint of capvis 0.1 (loaded through the numpy allow-list)
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -46,8 +61,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    _set_numpy_rng_state(state["numpy"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -131,13 +146,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         expected = side.read_text().split()[0] if side.read_text().strip() else ""
         if hashlib.sha256(data).hexdigest() != expected:
             raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
-    try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated zip, unpickling error, ...
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    state = safe_torch_load(data, path, map_location=map_location)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a capvis checkpoint (no 'model' entry)")
     return state
+
+
+def _legacy_globals() -> list[Any]:
+    """What checkpoints of capvis 0.1 need beyond tensors and plain containers: numpy's array
+    reconstruction (its global RNG state was saved as an ndarray). These build arrays and run no code."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def safe_torch_load(data: bytes, path: str | Path, *, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, plain containers, numbers, strings and bytes,
+    plus the numpy arrays older checkpoints carry; anything else (a pickled function call, a class) is
+    refused before it can run, with a one-line CheckpointError naming the file."""
+    try:
+        with torch.serialization.safe_globals(_legacy_globals()):
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if culprit is None:  # not a pickle of ours at all (random bytes, another format)
+            raise CheckpointError(f"checkpoint {path} cannot be read (not a PyTorch checkpoint file)") from None
+        raise CheckpointError(f"checkpoint {path} refused: it holds {culprit.group(1)}, a pickled call or object "
+                              "outside tensors and plain data; capvis never runs code from a file") from None
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {first[:200]})") from None
 
 
 def checkpoint_path(directory: str | Path, iteration: int) -> Path:
