@@ -1,0 +1,65 @@
+"""Are generated captions true of the picture? CaptionWorld knows every object's colour and shape,
+so a caption's claims can be checked instead of compared with reference sentences.
+
+A *mention* is a colour word followed, within two words (size adjectives, a number word), by a shape
+noun or its plural: "a big red disc" -> (red, circle); "two blue stars" -> (blue, star). Its precision
+is the share of mentions whose (colour, shape) is in the image; recall is the share of the image's
+distinct (colour, shape) objects that some mention names. Shape nouns alone are scored the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from capvis.data.world.vocab import COLOR_NAMES, SHAPE_WORDS, plural
+
+_NOUNS: dict[str, str] = {w: shape for shape, words in SHAPE_WORDS.items() for n in words for w in (n, plural(n))}
+_LOOKAHEAD = 3  # colour, then at most two words, then the noun
+
+
+def mentions(caption: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """``(colour-shape mentions, shape mentions)`` of one caption, in order."""
+    words = re.findall(r"[a-z]+", caption.lower())
+    pairs = []
+    for i, word in enumerate(words):
+        if word in COLOR_NAMES:
+            noun = next((words[j] for j in range(i + 1, min(i + 1 + _LOOKAHEAD, len(words)))
+                         if words[j] in _NOUNS), None)
+            if noun is not None:
+                pairs.append((word, _NOUNS[noun]))
+    return pairs, [_NOUNS[w] for w in words if w in _NOUNS]
+
+
+def caption_truth(captions: Mapping[int, str], objects: Mapping[int, Sequence[tuple[str, str]]]) -> dict[str, float]:
+    """Precision of colour-shape and shape mentions, and recall of the images' objects, in %.
+
+    Args:
+        captions: image id -> generated caption.
+        objects: image id -> the image's objects as ``(colour, shape)``.
+    """
+    said = true = shape_said = shape_true = named = total = vague = 0
+    for image_id, caption in captions.items():
+        present = set(objects[image_id])
+        pairs, shapes = mentions(caption)
+        said, true = said + len(pairs), true + sum(p in present for p in pairs)
+        present_shapes = {s for _, s in present}
+        shape_said, shape_true = shape_said + len(shapes), shape_true + sum(s in present_shapes for s in shapes)
+        named, total = named + len(present & set(pairs)), total + len(present)
+        vague += not pairs and not shapes
+    pct = lambda a, b: round(100.0 * a / b, 2) if b else 0.0  # noqa: E731
+    return {"color_shape_precision": pct(true, said), "object_recall": pct(named, total),
+            "shape_precision": pct(shape_true, shape_said), "mentions_per_caption": round(said / max(len(captions), 1), 2),
+            "vague_captions": pct(vague, len(captions)), "captions": len(captions)}
+
+
+def world_objects(instances_file: str | Path) -> dict[int, list[tuple[str, str]]]:
+    """image id -> ``(colour, shape)`` of its objects, from a CaptionWorld ``instances_<split>.json``."""
+    data = json.loads(Path(instances_file).read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    out: dict[int, list[tuple[str, str]]] = {im["id"]: [] for im in data["images"]}
+    for ann in data["annotations"]:
+        out[ann["image_id"]].append((ann["color"], names[ann["category_id"]]))
+    return out
