@@ -1,11 +1,17 @@
-"""Caption decoding speed: beam search (or greedy/nucleus) on random weights and random images.
+"""Caption decoding speed: beam search (or greedy/nucleus) on random weights and random images, and its limit.
 
     python bench/decode.py --config configs/bicaptioning_R_50_L1_H2048.yaml \
-        --batch-size 8 --beam-size 5 --max-steps 30 --device cpu [key=value ...]
+        --batch-size 8 --beam-size 5 --max-steps 30 --device cpu [--decoder legacy] [key=value ...]
 
-Early stopping is off, so every batch decodes the full ``--max-steps`` tokens (random weights would
-otherwise stop at an arbitrary step). Timing covers the whole caption: backbone, cache set-up and
-every step. Ends with one JSON line: images_per_s, seconds_per_batch and the settings.
+By default the steps are forced: [EOS] is banned, so every hypothesis decodes ``--max-steps`` tokens
+(random weights would otherwise stop at an arbitrary step); ``--no-force`` lets captions end (and the
+current decoder stop early). Timing covers the whole caption: backbone, cache set-up and every step.
+``--decoder legacy`` times the decoder this one replaced (kept here only for the comparison).
+
+Also measured, as the limit beam search can approach: the visual forward alone, the visual keys/values
+(projection and every layer's cross-attention K/V) alone, and one decoder step of batch x beam rows
+alone (position max-steps/2); ``limit_s`` = visual + K/V + max-steps x step. Ends with one JSON line:
+images_per_s, seconds_per_batch, the limit figures and the settings.
 """
 
 from __future__ import annotations
@@ -14,12 +20,84 @@ import argparse
 import json
 import sys
 import time
+from typing import Callable
 
 import torch
+from torch import Tensor
 
 from capvis.config import load_config
-from capvis.models.decoding import decode
+from capvis.models.decoding import BANNED_IDS, EOS_ID, _eval_mode, _finish, decode
 from capvis.tasks import build_task
+
+
+def legacy_beam_search(model, images: Tensor, *, beam_size: int, max_steps: int, banned_ids, **_: object):
+    """The previous decoder (capvis before issue 13): cross-attention K/V copied per beam, every
+    hypothesis fed at every step. Timing reference only; tests/test_beam_search.py holds the same code."""
+    with _eval_mode(model):
+        cache = model.init_decoding(images, max_len=max_steps)
+        b, k, dev = cache.batch_size, beam_size, images.device
+        cache.reorder(torch.arange(b, device=dev).repeat_interleave(k), memory=True)  # (B*K) rows
+        scores = torch.full((b, k), float("-inf"), device=dev)
+        scores[:, 0] = 0.0
+        finished = torch.zeros(b, k, dtype=torch.bool, device=dev)
+        history = torch.empty(b * k, 0, dtype=torch.long, device=dev)
+        tokens = torch.full((b * k,), 1, dtype=torch.long, device=dev)
+        offsets = (torch.arange(b, device=dev) * k).unsqueeze(1)
+        for _ in range(cache.max_len):
+            logp = model.decode_step(tokens, cache).float().log_softmax(dim=-1)
+            logp[:, [i for i in banned_ids if i < logp.shape[-1]]] = float("-inf")
+            v = logp.shape[-1]
+            eos_only = torch.full((v,), float("-inf"), device=dev)
+            eos_only[EOS_ID] = 0.0
+            logp = torch.where(finished.view(-1, 1), eos_only, logp).view(b, k, v)
+            top, index = (scores.unsqueeze(-1) + logp).view(b, k * v).topk(k, dim=1)
+            rows = (index // v + offsets).view(-1)
+            new = (index % v).view(-1)
+            cache.reorder(rows)
+            history = torch.cat([history[rows], new[:, None]], dim=1)
+            finished = finished.view(-1)[rows].view(b, k) | (new == EOS_ID).view(b, k) | top.isinf()
+            scores, tokens = top, new
+            if bool(finished.all()):
+                break
+        best = scores.argmax(dim=1) + offsets[:, 0]
+        return _finish(history[best], scores.view(-1)[best], EOS_ID, None, None)
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Best wall time of ``repeats`` calls (after one untimed call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.no_grad()
+def limit_figures(task, images: Tensor, beam: int, steps: int, repeats: int) -> dict[str, float]:
+    """Visual forward, visual K/V and one decoder step of B*beam rows, each alone (seconds)."""
+    dev = images.device
+    visual = timed(lambda: task.visual(images), repeats, dev)
+    grid = task.visual(images)
+    kv = timed(lambda: task.textual.init_cache(grid, max_len=steps), repeats, dev)
+    cache = task.textual.init_cache(grid, max_len=steps)
+    b = images.shape[0]
+    cache.regroup(torch.arange(b, device=dev).repeat_interleave(beam),
+                  torch.arange(b * beam, device=dev), beam)  # every beam live, K/V shared per image
+    tokens = torch.randint(4, task.textual.vocab_size, (b * beam,), device=dev)
+
+    def one_step() -> Tensor:
+        cache.length = steps // 2
+        return task.decode_step(tokens, cache).float().log_softmax(dim=-1).topk(beam, dim=-1)
+
+    step = timed(one_step, repeats, dev)
+    return {"visual_s": round(visual, 4), "visual_kv_s": round(kv, 4), "step_s": round(step, 4),
+            "limit_s": round(visual + kv + steps * step, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam-size", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=30)
     p.add_argument("--method", choices=("beam", "greedy", "nucleus"), default="beam")
+    p.add_argument("--decoder", choices=("current", "legacy"), default="current",
+                   help="beam only: legacy = the decoder before K/V sharing and early exit (comparison)")
+    p.add_argument("--force", action=argparse.BooleanOptionalAction, default=True,
+                   help="ban [EOS] so every hypothesis decodes --max-steps tokens (default on)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=2, help="timed batches (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches first (default 1)")
+    p.add_argument("--no-limit", action="store_true", help="skip the limit figures")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("overrides", nargs="*")
@@ -43,30 +126,42 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     task = build_task(cfg, cfg.model.vocab_size).to(device).eval()
-    if cfg.train.channels_last:
+    if cfg.train.channels_last and device.type == "cuda":
         task.to(memory_format=torch.channels_last)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    kwargs = {"max_steps": args.max_steps, "early_stop": False}
+    banned = (*BANNED_IDS, EOS_ID) if args.force else BANNED_IDS
+    kwargs = {"max_steps": args.max_steps, "banned_ids": banned}
     if args.method == "beam":
         kwargs["beam_size"] = args.beam_size
+    legacy = args.method == "beam" and args.decoder == "legacy"
+
+    def run() -> object:
+        if legacy:
+            return legacy_beam_search(task, images, **kwargs)
+        return decode(task, images, method=args.method, **kwargs)
+
     for _ in range(args.warmup):
-        decode(task, images, method=args.method, **kwargs)
+        run()
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.repeats):
-        out = decode(task, images, method=args.method, **kwargs)
+        out = run()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     steps = max(len(t) for t in out.tokens)
     result = {"config": args.config, "task": cfg.model.task, "backbone": cfg.model.backbone,
               "hidden": cfg.model.textual.hidden, "layers": cfg.model.textual.layers, "method": args.method,
+              "decoder": args.decoder if args.method == "beam" else None, "forced": args.force,
               "beam_size": args.beam_size if args.method == "beam" else None, "max_steps": args.max_steps,
               "tokens_per_caption": steps, "batch_size": args.batch_size, "image_size": args.image_size,
               "device": args.device, "threads": torch.get_num_threads(), "repeats": args.repeats,
               "seconds": round(seconds, 3), "seconds_per_batch": round(seconds / args.repeats, 3),
               "images_per_s": round(args.batch_size * args.repeats / seconds, 3)}
+    if not args.no_limit and args.method == "beam":
+        result.update(limit_figures(task, images, args.beam_size, args.max_steps, max(args.repeats, 2)))
+        result["batch_over_limit"] = round(result["seconds_per_batch"] / result["limit_s"], 3)
     print(json.dumps(result))
     return 0
 

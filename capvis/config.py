@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class TextualConfig:
     feedforward: int = 0  # 0: 4 * hidden
     dropout: float = 0.1
     norm_first: bool = False  # the original VirTex is post-norm
+    parallel_fraction: float = 0.0  # captioning: share of samples trained by parallel prediction (CapPa: 0.75)
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,21 @@ class MaskedLMConfig:
 @dataclass(frozen=True)
 class ContrastiveConfig:
     embed_dim: int = 256
-    init_temperature: float = 0.07
+    loss: str = "infonce"  # contrastive, coca: infonce (CLIP's batch softmax) | siglip (pairwise sigmoid)
+    init_temperature: float = 0.0  # 0: the loss's own (infonce 0.07 as CLIP; siglip 0.1, t' = log 10)
+    init_bias: float = -10.0  # siglip: initial logit bias b (SigLIP's -10)
     text_encoder: str = ""  # icmlm: a capvis masked-LM checkpoint for the frozen text encoder
     text_pool: str = "mean"  # text feature: mean (over non-pad tokens) | eos (the [EOS] / last token's state)
+
+
+@dataclass(frozen=True)
+class CocaConfig:
+    # coca: caption_weight * captioning + contrastive_weight * contrastive (open_clip's defaults 2 and 1);
+    # the contrastive side takes its sizes and loss from model.contrastive.
+    caption_weight: float = 2.0
+    contrastive_weight: float = 1.0
+    bidirectional: bool = False  # also a backward captioning head (VirTex's bicaptioning)
+    image_pool: str = "attention"  # image embedding: attention (one learned query, CoCa's) | mean (GAP)
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,7 @@ class ModelConfig:
     masked_lm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     icmlm: ICMLMConfig = field(default_factory=ICMLMConfig)
+    coca: CocaConfig = field(default_factory=CocaConfig)
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
 
 
@@ -151,6 +166,8 @@ def resolve_config_path(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise ConfigError(f"config {path} is a directory; give a YAML file or the name of a bundled config")
     for candidate in (PACKAGE_CONFIGS / p, PACKAGE_CONFIGS / f"{p}.yaml", PACKAGE_CONFIGS / p.name):
         if candidate.is_file():
             return candidate
@@ -261,6 +278,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isnan(value):
+                raise ConfigError(f"config key '{key}' must be a number, got NaN")
             return float(value)
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -293,6 +312,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"model.textual.hidden={t.hidden} must be a positive multiple of 64 (heads = hidden/64) "
             f"or divisible by model.textual.heads={t.heads}")
+    if not 0 <= t.parallel_fraction <= 1:
+        raise ConfigError(f"model.textual.parallel_fraction must be in [0, 1], got {t.parallel_fraction}")
     textual = dataclasses.replace(t, heads=heads, feedforward=t.feedforward or 4 * t.hidden)
     positive = {"data.image_size": cfg.data.image_size, "data.max_caption_length": cfg.data.max_caption_length,
                 "train.batch_size": cfg.train.batch_size, "train.iterations": cfg.train.iterations,
@@ -301,6 +322,11 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    rates = {"train.lr_backbone": cfg.train.lr_backbone, "train.lr_textual": cfg.train.lr_textual,
+             "train.weight_decay": cfg.train.weight_decay, "train.momentum": cfg.train.momentum}
+    for key, value in rates.items():
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {value}")
     if cfg.data.max_caption_length < 3:
         raise ConfigError("data.max_caption_length must be at least 3 ([SOS], a token, [EOS])")
     if not 0 < cfg.data.fraction <= 1:

@@ -10,6 +10,12 @@ A release is three files, in a directory or flat inside one ``.tar`` / ``.tar.gz
 
 Reading never extracts an archive to disk and verifies the weights' checksum. Tensors are written
 byte for byte, so a round trip checkpoint -> release -> model is bit-exact.
+
+An archive is read into memory, so what a member may decompress to is capped before it is read: at
+most :data:`MAX_RATIO` times the bytes it comes from (the member's compressed size in a zip, the
+archive's size in a tar; at least :data:`MIN_CAP`), and at most :data:`MEMBER_CAPS` per file. Weights
+compress by a few percent at best and a zip bomb by a factor of a thousand, so a bomb is refused in one
+line from its header, before anything is decompressed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,9 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.model"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same model gives the same archive bytes
+MAX_RATIO = 20  # decompressed / compressed bytes a member may reach (float weights: about 1.1)
+MIN_CAP = 1 << 20  # small members may always reach 1 MiB, whatever their ratio
+MEMBER_CAPS = {CONFIG: 16 << 20, VOCAB: 64 << 20, WEIGHTS: 64 << 30}
 
 
 @dataclass
@@ -214,13 +224,42 @@ def _read_files(path: Path) -> dict[str, bytes]:
     try:
         if path.name.lower().endswith(".zip"):
             with zipfile.ZipFile(path) as zf:
-                names = _members(zf.namelist(), path)
-                return {n: zf.read(m) for n, m in names.items()}
+                infos = {i.filename: i for i in zf.infolist() if not i.is_dir()}
+                names = _members(list(infos), path)
+                return {n: _read_capped(zf.open(infos[m]), n, infos[m].file_size, infos[m].compress_size, path)
+                        for n, m in names.items()}
+        archive_size = path.stat().st_size
         with tarfile.open(path) as tf:
-            names = _members([m.name for m in tf.getmembers() if m.isfile()], path)
-            return {n: tf.extractfile(m).read() for n, m in names.items()}
-    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
+            infos = {}
+            for info in tf:  # lazily: a bomb's header is refused before its data is decompressed to skip it
+                if info.isfile():
+                    _cap(info.name.rsplit("/", 1)[-1], info.size, archive_size, path)
+                    infos[info.name] = info
+            names = _members(list(infos), path)
+            return {n: _read_capped(tf.extractfile(infos[m]), n, infos[m].size, archive_size, path)
+                    for n, m in names.items()}
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         raise CheckpointError(f"release archive {path} cannot be read ({exc})") from None
+
+
+def _cap(name: str, size: int, source_bytes: int, path: Path) -> int:
+    """The most bytes member ``name`` may decompress to; CheckpointError if its header claims more."""
+    limit = min(MEMBER_CAPS.get(name, max(MEMBER_CAPS.values())), max(MIN_CAP, MAX_RATIO * source_bytes))
+    if size > limit:
+        raise CheckpointError(f"release archive {path}: member {name} would decompress to {size} bytes from "
+                              f"{source_bytes}, more than the {limit} allowed (a zip bomb?)")
+    return limit
+
+
+def _read_capped(fh: Any, name: str, size: int, source_bytes: int, path: Path) -> bytes:
+    """The member's bytes, never more than its cap (a header that understates the size cannot slip past)."""
+    limit = _cap(name, size, source_bytes, path)
+    with fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"release archive {path}: member {name} decompresses to more than the {limit} "
+                              "bytes allowed (a zip bomb?)")
+    return data
 
 
 def _members(names: list[str], path: Path) -> dict[str, str]:

@@ -17,15 +17,24 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     assert results["seed"] == 3 and results["quick"] is True
     rows = results["results"]
     assert {r["method"] for r in rows} == {"bicaptioning", "random init"}
-    assert {r["task"] for r in rows} == {"shape", "color_shape", "count"}
-    assert all(0.0 <= r["mAP"] <= 100.0 for r in rows)
-    for stage in ("world", "vocabulary", "pretrain_bicaptioning", "svm_bicaptioning", "svm_random_init", "total"):
+    labels = json.loads((out / "world" / "annotations" / "labels_test.json").read_text())
+    tasks = {r["task"] for r in rows}
+    assert tasks == set(labels["tasks"]) and {"shape", "color_shape", "count"} < tasks  # every task is a column
+    metric = {r["task"]: r["metric"] for r in rows}
+    assert metric["shape"] == "mAP" and metric["count"] == "top1"  # count: one class per image -> the probe
+    assert all(0.0 <= r["value"] <= 100.0 for r in rows if r["value"] == r["value"])
+    truth = results["caption_truth"]
+    assert truth["captions"] == 8 and 0 <= truth["color_shape_precision"] <= 100
+    for stage in ("world", "vocabulary", "pretrain_bicaptioning", "eval_bicaptioning", "eval_random_init",
+                  "caption_truth", "total"):
         assert results["seconds"][stage] >= 0
     for name in ("report.md", "report.html", "loss_curve.png", "captions.png", "attention_0.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
-    table_numbers = re.findall(r"\| (\d+\.\d) ", md)
-    assert len(table_numbers) == 6  # 2 methods x 3 tasks, as computed in results.json
-    assert sorted(float(x) for x in table_numbers) == sorted(round(r["mAP"], 1) for r in rows)
+    table_numbers = re.findall(r"\| (\d+\.\d|nan) ", md)
+    assert len(table_numbers) == len(rows)  # methods x tasks, as computed in results.json
+    assert sorted(float(x) for x in table_numbers if x != "nan") == sorted(
+        round(r["value"], 1) for r in rows if r["value"] == r["value"])
+    assert "Are the captions true?" in md
     assert "captions.png" in (out / "report.html").read_text()
     assert len(results["captions"]) == 4 and all("caption" in c for c in results["captions"])

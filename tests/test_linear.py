@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers_eval import image_folder, run_cli, tiny_config, tiny_run, world  # noqa: F401 (fixtures)
 
 from capvis.errors import DataError
-from capvis.eval.linear import (
-    cosine_lambda, image_folders, linear_probe, new_head, topk_correct, train_linear_on_features,
-)
+from capvis.eval.linear import cosine_lambda, image_folders, linear_probe, linear_probe_cached, new_head, topk_correct
 
 
 def test_head_init_and_schedule():
@@ -26,15 +25,6 @@ def test_head_init_and_schedule():
 def test_topk_counts_and_caps_k_at_class_count():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
     assert topk_correct(logits, torch.tensor([1, 2, 0])) == [1, 3]  # top-5 of 3 classes: every row
-
-
-def test_head_learns_separable_features():
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(4, 16, generator=g) * 3
-    y = torch.arange(4).repeat_interleave(16)
-    x = centers[y] + 0.3 * torch.randn(64, 16, generator=g)
-    fc = train_linear_on_features(x, y, 4, epochs=10, lr=0.3, batch_size=16)
-    assert (fc(x).argmax(1) == y).float().mean() == 1.0
 
 
 def test_probe_keeps_backbone_frozen_in_eval_mode(image_folder, tiny_config):
@@ -54,10 +44,27 @@ def test_eval_linear_cli_images_and_cached_paths(image_folder, tiny_run, tiny_co
               "--batch-size", "8", "--loader-workers", "0"]
     res = run_cli(["eval", "linear", "--checkpoint", str(tiny_run), *common], capsys)
     assert 0 <= res["top1"] <= res["top5"] <= 100 and res["val_images"] == 16 and "paper" in res["protocol"]
+    assert res["iterations"] == 6
     fast = run_cli(["eval", "linear", "--checkpoint", "random", "--config", str(tiny_config), "--cached-features",
-                    *common], capsys)
+                    "--weight-decays", "1e-3,1e-1", *common], capsys)
     assert fast["checkpoint"] == "random" and fast["protocol"].startswith("FAST PATH")
-    assert 0 <= fast["top1"] <= fast["top5"] <= 100 and fast["iterations"] == res["iterations"] == 6
+    assert 0 <= fast["top1"] <= fast["top5"] <= 100 and fast["weight_decay"] in (1e-3, 1e-1)
+    assert set(fast["holdout_top1"]) == {"0.001", "0.1"} and fast["val_images"] == 16
+
+
+def test_cached_probe_is_the_batched_probe_on_the_cached_features(image_folder, tiny_config, tmp_path):
+    from capvis.eval.features import extract_features
+    from capvis.eval.probe import probe_accuracy
+    from capvis.loading import load_pretrained
+
+    backbone = load_pretrained("random", config=tiny_config).backbone
+    res = linear_probe_cached(backbone, image_folder / "train", image_folder / "val", image_size=32, num_workers=0,
+                              cache_dir=tmp_path, source="some-checkpoint")
+    assert len(list(tmp_path.glob("features_*.npy"))) == 2  # both splits cached
+    train, val = image_folders(image_folder / "train", image_folder / "val", image_size=32, augment=False)
+    feats = [extract_features(backbone, [p for p, _ in split.samples], image_size=32) for split in (train, val)]
+    ref = probe_accuracy(feats[0], np.array(train.targets), feats[1], np.array(val.targets), len(train.classes))
+    assert res["top1"] == pytest.approx(ref.top1) and res["weight_decay"] == ref.weight_decay
 
 
 def test_val_classes_follow_train_and_unknown_classes_fail(image_folder, tmp_path):

@@ -87,7 +87,7 @@ def _inputs(tmp_path: Path) -> dict[str, str]:
 
 
 COMMANDS = {
-    "caption": lambda c, i, o: ["caption", "--checkpoint", c, i["images"]],
+    "caption": lambda c, i, o: ["caption", "--checkpoint", c, i["images"] + "/a"],
     "score": lambda c, i, o: ["score", "--checkpoint", c, "--annotations", i["captions"]],
     "export": lambda c, i, o: ["export", "--checkpoint", c, "--output", o],
     "release": lambda c, i, o: ["release", "--checkpoint", c, "--output", o],

@@ -14,6 +14,8 @@ from capvis.cli import main
 from capvis.data.labels import label_matrix, read_label_file, write_label_file
 from capvis.data.world import (SHAPES, Scene, caption_rng, captions, flip_scene, generate_scene, relations,
                                render, write_world)
+from capvis.data.world.fine import LARGEST_RATIO
+from capvis.data.world.grammar import RELATION_MARGIN
 from capvis.data.world.vocab import COLORS, NUMBER_WORDS, SHAPE_WORDS, SIZE_WORDS, plural
 from capvis.errors import DataError
 
@@ -181,7 +183,9 @@ def test_cli_writes_coco_world_with_matching_labels(tmp_path: Path) -> None:
             assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w > 0 and h > 0
             assert ann["iscrowd"] == 0 and 0 < ann["area"] <= w * h + 1e-6 and ann["image_id"] in ids
         tasks, entries = read_label_file(out / "annotations" / f"labels_{split}.json")
-        assert list(tasks) == ["shape", "color_shape", "count"] and len(tasks["color_shape"]) >= 64
+        assert list(tasks)[:3] == ["shape", "color_shape", "count"] and len(tasks["color_shape"]) >= 64
+        assert set(tasks) - {"shape", "color_shape", "count"} == {"leftmost_color", "topmost_shape",
+                                                                  "largest_color_shape"}
         assert tasks["count"] == ["1", "2", "3", "4"]
         by_image = {i: [a for a in inst["annotations"] if a["image_id"] == i] for i in ids}
         for entry in entries:
@@ -237,3 +241,48 @@ def test_label_file_round_trip(tmp_path: Path) -> None:
     tasks, read = read_label_file(write_label_file(tmp_path / "l.json", {"t": ["x", "y", "z"]}, entries))
     assert tasks == {"t": ["x", "y", "z"]} and read == entries
     assert label_matrix(read, "t", 3).tolist() == [[1, 0, 1], [0, 0, 0]]
+
+
+def _nearest_color(rgb: np.ndarray) -> str:
+    return min(COLORS, key=lambda name: float(np.sum((np.array(COLORS[name], float) - rgb) ** 2)))
+
+
+def _clear_leader(objs, key, lead: float):
+    """Brute force: the object whose ``key`` is below every other's by ``lead``, else None."""
+    for a in objs:
+        if all(key(b) - key(a) >= lead for b in objs if b is not a):
+            return a
+    return None
+
+
+def test_fine_grained_labels_are_true_to_the_rendered_scene(tmp_path: Path) -> None:
+    n, margin = 300, RELATION_MARGIN * 64
+    write_world(tmp_path, {"train": n}, seed=5, workers=1)
+    tasks, entries = read_label_file(tmp_path / "annotations" / "labels_train.json")
+    assert tasks["leftmost_color"] == list(COLORS) and tasks["topmost_shape"] == list(SHAPES)
+    assert len(tasks["largest_color_shape"]) == len(COLORS) * len(SHAPES)
+    labelled, pixel_ok, pixel_checked = Counter(), 0, 0
+    for index, entry in enumerate(entries):
+        scene = generate_scene(5, "train", index)
+        objs, labels = scene.objects, entry["labels"]
+        many = len(objs) >= 2
+        left = _clear_leader(objs, lambda o: o.cx, margin) if many else None
+        top = _clear_leader(objs, lambda o: o.cy, margin) if many else None
+        big = next((a for a in objs if many and all(a.radius >= LARGEST_RATIO * b.radius for b in objs
+                                                    if b is not a)), None)
+        expected = {"leftmost_color": None if left is None else left.color,
+                    "topmost_shape": None if top is None else top.shape,
+                    "largest_color_shape": None if big is None else f"{big.color} {big.shape}"}
+        for task, want in expected.items():
+            got = labels[task]
+            assert len(got) <= 1, (task, got)  # never more than one class
+            assert (tasks[task][got[0]] if got else None) == want, (index, task, got, objs)
+            labelled[task] += bool(got)
+        if left is not None:  # the pixels at the leftmost object's interior show the labelled colour
+            image = render(scene).astype(float)
+            y = left.cy - (0.775 * left.radius if left.shape == "ring" else 0.0)  # a ring's band, not its hole
+            pixel_checked += 1
+            pixel_ok += _nearest_color(image[int(y), int(left.cx)]) == tasks["leftmost_color"][labels[
+                "leftmost_color"][0]]
+    assert all(0.2 * n < labelled[t] < 0.8 * n for t in expected), labelled  # neither trivial nor empty
+    assert pixel_ok >= 0.95 * pixel_checked and pixel_checked > 0.2 * n

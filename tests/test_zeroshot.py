@@ -1,5 +1,6 @@
-"""Zero-shot classification: scoring rules, prompt classifier, errors, and a contrastive model trained
-briefly on CaptionWorld that beats chance on the shape task through ``capvis eval zeroshot``."""
+"""Zero-shot classification: scoring rules, prompt classifier, errors; by likelihood, class scores equal to
+``capvis score``'s NLL of each prompt; and models trained briefly on CaptionWorld that beat chance on the
+shape task through ``capvis eval zeroshot`` (contrastive by embedding, bicaptioning by likelihood)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from capvis.cli import main
 from capvis.config import load_config
 from capvis.errors import ConfigError
-from capvis.eval.zeroshot import class_embeddings, top1_any_label
+from capvis.eval.zeroshot import class_embeddings, mean_average_precision, top1_any_label
 from capvis.tasks import build_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test (conftest)
@@ -40,14 +41,79 @@ def test_class_embeddings_average_templates(coco_tokenizer_path) -> None:
         class_embeddings(task, tokenizer, ["dog"], ["a photo"], max_len=30)
 
 
-def test_zeroshot_rejects_models_without_a_text_encoder(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("method, task_name, message", [
+    ("embedding", "bicaptioning", "by embedding needs an image-text embedding model"),
+    ("likelihood", "contrastive", "by likelihood needs a captioning model"),
+    ("auto", "token_classification", "which is neither"),
+])
+def test_zeroshot_rejects_models_without_the_method(tmp_path, capsys, method, task_name, message) -> None:
     from capvis.data.world import write_world
 
     write_world(tmp_path / "world", {"test": 4}, seed=0, image_size=32, workers=1)
     code = main(["eval", "zeroshot", "--checkpoint", "random", "--config", "bicaptioning_R_50_L1_H2048",
                  "--labels", str(tmp_path / "world/annotations/labels_test.json"), "--task", "shape",
-                 "model.backbone=resnet18", "model.textual.hidden=64", "data.vocab="])
-    assert code == 2 and "needs an image-text embedding model" in capsys.readouterr().err
+                 "--method", method, f"model.task={task_name}", "model.backbone=resnet18",
+                 "model.textual.hidden=64", "data.vocab="])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_mean_average_precision_and_its_chance() -> None:
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.7, 0.5], [0.1, 0.9, 0.5], [0.2, 0.3, 0.5]])
+    labels = [[0], [0, 1], [], [2]]  # class 0: AP 1; class 1: positive ranked 2nd -> AP 1/2; class 2: ties
+    result = mean_average_precision(scores, labels)
+    assert result["mAP_classes"] == 3
+    ap2 = 0.25  # all four tied: one positive among four
+    assert result["mAP"] == pytest.approx((1.0 + 0.5 + ap2) / 3)
+    assert result["mAP_chance"] == pytest.approx((2 / 4 + 1 / 4 + 1 / 4) / 3)
+
+
+def _labelled_images(tmp_path, coco_fixture):
+    """A label file over the fixture's 4 COCO images, with class names of one and of several tokens."""
+    from capvis.data.annotations import read_records
+    from capvis.data.labels import write_label_file
+
+    records = read_records(coco_fixture)
+    classes = ["dog", "cat", "plate of food"]
+    entries = [{"file_name": r.path.name, "image_id": r.image_id, "labels": {"animal": labels}}
+               for r, labels in zip(records, ([0], [1], [], [2]))]
+    return write_label_file(tmp_path / "labels.json", {"animal": classes}, entries), records, classes
+
+
+@pytest.mark.parametrize("task_name", ["bicaptioning", "captioning", "coca"])
+def test_likelihood_class_scores_equal_the_score_nll_of_each_prompt(tmp_path, coco_fixture, coco_tokenizer_path,
+                                                                     task_name, capsys) -> None:
+    """Batched over classes on the KV cache, each class score is minus the summed NLL that ``capvis score``
+    gives its prompt (forward plus backward for bicaptioning), averaged over templates."""
+    from dataclasses import replace
+
+    from capvis.eval.score import score_captions
+    from capvis.eval.zeroshot import likelihood_scores
+    from test_score import make_checkpoint
+
+    task, tokenizer = make_checkpoint(tmp_path / "ckpt.pt", coco_tokenizer_path, task_name)  # 64 px, 12 tokens
+    label_file, records, classes = _labelled_images(tmp_path, coco_fixture)
+    templates = ("a photo of a {}.", "a {} on the left or the right.")
+    scores = likelihood_scores(task, tokenizer, classes, templates, [r.path for r in records], max_len=12,
+                               image_size=64, batch_size=3)
+    assert scores.shape == (4, 3)
+    for i, record in enumerate(records):
+        for k, name in enumerate(classes):
+            total = 0.0
+            for template in templates:
+                nll = score_captions(task, tokenizer, [replace(record, captions=[template.format(name)])],
+                                     image_size=64, max_caption_length=12)
+                total -= nll["tokens"] * (nll["nll_forward"] + nll.get("nll_backward", 0.0))
+            assert scores[i, k].item() == pytest.approx(total / len(templates), rel=1e-4), (i, name)
+    code = main(["eval", "zeroshot", "--checkpoint", str(tmp_path / "ckpt.pt"), "--labels", str(label_file),
+                 "--task", "animal", "--method", "likelihood", "--images", str(records[0].path.parent),
+                 "--templates", *templates, "--device", "cpu", "--batch-size", "2"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    hits = [int(scores[i].argmax()) in labels for i, labels in ((0, [0]), (1, [1]), (3, [2]))]
+    assert result["method"] == "likelihood" and result["images"] == 3 and result["classes"] == 3
+    assert result["top1"] == pytest.approx(sum(hits) / 3) and result["chance"] == pytest.approx(1 / 3)
+    assert {"mAP", "mAP_chance", "mAP_classes"} <= result.keys()
 
 
 @pytest.mark.slow

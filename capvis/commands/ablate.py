@@ -1,28 +1,44 @@
-"""``capvis ablate --tasks LIST --budget small|default --output DIR [--data PATH]``."""
+"""``capvis ablate --tasks LIST --budget tiny|small|default --output DIR [--seeds N] [--fractions F,...]
+[--captions-per-image C,...] [--data PATH]``."""
 
 from __future__ import annotations
 
 import argparse
 
 COMMAND = ("ablate",)
-HELP = "pretrain each pretext task on the same data and budget, evaluate each with the same SVM protocol"
+HELP = ("pretrain each pretext task (x seeds x data fractions) on the same budget; score every labels task of "
+        "the data at 1/4, 1/2 and all of the budget")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="bicaptioning,captioning,token_classification,multilabel_classification,"
-                        "masked_lm,contrastive,random_init", help="comma-separated task names (and random_init)")
+                        "masked_lm,contrastive,random_init",
+                        help="comma-separated task names and random_init; an entry may add config overrides "
+                             "after colons, e.g. bicaptioning:parallel_fraction=0.75 or "
+                             "bicaptioning:model.textual.hidden=512 (bare keys name a unique config field)")
     parser.add_argument("--budget", default="small", help="small | default | tiny (tiny: seconds, for tests)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--data", default=None, help="a CaptionWorld-like directory (default: generate one)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="runs per setting, seeds --seed, --seed+1, ... (default 1)")
+    parser.add_argument("--fractions", default="1", help="data-efficiency: fractions of the training images, "
+                        "e.g. 0.1,0.5,1 (data.fraction; default 1)")
+    parser.add_argument("--captions-per-image", default=None, metavar="LIST",
+                        help="data-efficiency: 1 (one seeded caption per image) and/or the data's count "
+                             "(CaptionWorld: 5), e.g. 1,5 (default: every caption)")
     parser.add_argument("--config", default="demo", help="base pretraining config (default configs/demo.yaml)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from capvis.demo.ablate import parse_tasks, run_ablation
+    from pathlib import Path
 
+    from capvis.demo.ablate import parse_captions, parse_fractions, parse_tasks, run_ablation
+
+    captions = parse_captions(args.captions_per_image) if args.captions_per_image else None
     rows = run_ablation(parse_tasks(args.tasks), budget=args.budget, output=args.output, data=args.data,
-                        seed=args.seed, config=args.config)
-    print(open(f"{args.output}/ablation.md").read())
-    print(f"ablation: {len(rows)} rows -> {args.output}/ablation.csv, ablation.png")
+                        seeds=args.seeds, seed=args.seed, config=args.config,
+                        fractions=parse_fractions(args.fractions), captions_per_image=captions)
+    print((Path(args.output) / "ablation.md").read_text())
+    print(f"ablation: {len(rows)} rows -> {args.output}/ablation.csv, ablation.md, ablation.png")
     return 0

@@ -1,5 +1,6 @@
-"""``capvis caption --checkpoint C IMAGES_OR_DIR... [--output captions.json] [--method beam|greedy|nucleus]
-[--beam-size 5] [--top-p 0.9] [--max-steps 30] [--batch-size 32] [--attention DIR]``.
+"""``capvis caption --checkpoint C IMAGES_OR_DIR... [--output captions.json]
+[--method beam|greedy|nucleus|parallel] [--beam-size 5] [--top-p 0.9] [--max-steps 30] [--batch-size 32]
+[--attention DIR]``.
 
 Prints one ``file_name<TAB>caption`` line per image when no ``--output`` is given; with ``--output``
 writes COCO results JSON ``[{"image_id", "caption", "file_name"}]``.
@@ -15,8 +16,9 @@ HELP = "caption images (files or folders, any file names) with a captioning chec
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared with ``capvis eval captioning``."""
-    parser.add_argument("--method", choices=("beam", "greedy", "nucleus"), default="beam",
-                        help="decoding method (default beam)")
+    parser.add_argument("--method", choices=("beam", "greedy", "nucleus", "parallel"), default="beam",
+                        help="decoding method (default beam; parallel: one pass over [MASK] inputs, "
+                             "for models trained with model.textual.parallel_fraction > 0)")
     parser.add_argument("--beam-size", type=int, default=5, help="beam width (default 5)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     parser.add_argument("--max-steps", type=int, default=30, help="most tokens per caption (default 30)")
@@ -65,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
     from capvis.loading import load_pretrained
 
     settings = decode_settings(args)
+    paths = collect_images(args.images)  # an empty folder fails here, before the checkpoint is read
     pre = load_pretrained(args.checkpoint)
     if not hasattr(pre.task, "init_decoding") or pre.tokenizer is None:
         raise ConfigError(f"{args.checkpoint} holds a {pre.config.model.task!r} model, which cannot caption")
-    paths = collect_images(args.images)
     results = caption_images(pre.task, pre.tokenizer, paths, image_size=pre.config.data.image_size,
                              settings=settings, batch_size=args.batch_size, num_workers=args.workers,
                              device=resolve_device(args.device), attention_dir=args.attention)

@@ -30,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", default="layer4", choices=("layer1", "layer2", "layer3", "layer4"))
     parser.add_argument("--cache-dir", default=None, help="reuse/write extracted features here")
     parser.add_argument("--workers", type=int, default=None,
-                        help="processes training SVM classes in parallel (default: all cores)")
+                        help="liblinear solver: processes training SVM classes in parallel (default: all cores)")
+    parser.add_argument("--solver", default="batched", choices=("batched", "liblinear"),
+                        help="batched: every class x cost x fold in one torch solve (default); "
+                             "liblinear: scikit-learn's LinearSVC per class, for exact reproduction")
     add_image_arguments(parser)
     add_runtime_arguments(parser, batch_size=128, workers=4, workers_flag="--loader-workers")
 
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         train_x = load_feature_file(args.features_train, train_entries, args.train)
         test_x = load_feature_file(args.features_test, test_entries, args.test)
         results = svm_eval_tasks(train_x, train_entries, test_x, test_entries, select_tasks(tasks, args.tasks),
-                                 workers=args.workers)
+                                 workers=args.workers, solver=args.solver)
         source = "features"
     else:
         if not args.checkpoint:
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             model.backbone, args.train, args.test, images_train=args.images_train, images_test=args.images_test,
             image_size=image_size, resize=args.resize, stage=args.stage, batch_size=args.batch_size,
             num_workers=args.loader_workers, device=resolve_device(args.device), workers=args.workers,
-            cache_dir=args.cache_dir, source=model.source, tasks=args.tasks, details=True)
+            cache_dir=args.cache_dir, source=model.source, tasks=args.tasks, details=True, solver=args.solver)
         source = model.source
     for task, r in results.items():
         print(f"{task}: mAP {r.map:.2f} over {len(r.per_class)} classes"

@@ -4,103 +4,37 @@ Keys beyond ``len(dataset)`` encode the epoch (``epoch, i = divmod(key, len)``),
 hands out global positions gets fresh captions and augmentations each epoch, while the same key
 always yields the bit-identical sample, whatever the number of workers and across a resume.
 
-Bad samples (a missing, empty, truncated or undecodable image; a caption that is empty or encodes to
-no known token) are skipped with a counted warning (:mod:`capvis.data.robust`). Since batch sizes
-stay fixed, "skipping" key ``(epoch, i)`` means returning the sample of ``(epoch, i + 1)`` (wrapping
-around), or the next good one after it: a pure function of the key and the files, so still the same
-whatever the number of workers and across a resume.
+Images are decoded by :mod:`capvis.data.decode` (shared with the shard stream: one decoder, one
+pixel-count guard). Bad samples (a missing, empty, truncated, oversized or undecodable image; a
+caption that is empty or encodes to no known token) are skipped with a counted warning
+(:mod:`capvis.data.robust`). Since batch sizes stay fixed, "skipping" key ``(epoch, i)`` means
+returning the sample of ``(epoch, i + 1)`` (wrapping around), or the next good one after it: a pure
+function of the key and the files, so still the same whatever the number of workers and across a
+resume.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import random
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from capvis.data.annotations import ImageRecord
+from capvis.data.decode import BadSampleError, decode_with_pil, load_image  # the last two are re-exported
 from capvis.data.robust import BadSampleBudget
 from capvis.data.tokenizer import EOS_ID, PAD_ID, SOS_ID, Tokenizer, normalize_caption
 from capvis.data.transforms import PairTransform
 from capvis.errors import DataError
 
 
-class BadSampleError(DataError):
-    """An image or caption that cannot be used; datasets skip these within ``data.max_bad_fraction``."""
-
-
-def load_image(path: str | Path) -> Tensor:
-    """Decode an image file to uint8 (3, H, W) RGB; BadSampleError (a DataError) naming the file.
-
-    EXIF orientation is applied; grayscale, palette and CMYK images become RGB; alpha is dropped
-    (not composited); 16-bit images keep their 8 most significant bits. JPEGs (the bulk of caption
-    datasets) go through torchvision's libjpeg-turbo decoder, everything else through PIL: torchvision's
-    PNG decoder crashes the process (SIGSEGV) on a PNG whose image data is short.
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise BadSampleError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    if not raw:
-        raise BadSampleError(f"image file {path} is empty")
-    _check_pixel_count(raw, path)
-    if raw[:3] != b"\xff\xd8\xff":
-        return _load_with_pil(path, raw)
-    from torchvision.io import ImageReadMode, decode_image
-
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except (RuntimeError, ValueError):
-        return _load_with_pil(path, raw)  # JPEG variants libjpeg-turbo refuses (e.g. arithmetic coding)
-    if image.dtype == torch.uint16:
-        image = (image.to(torch.int32) >> 8).to(torch.uint8)
-    return image
-
-
-MAX_PIXELS = 2 * 89_478_485  # PIL's decompression-bomb error threshold (about 179 megapixels)
-
-
-def _check_pixel_count(raw: bytes, path: Path) -> None:
-    """Refuse a header that claims a gigantic image (a few bytes could otherwise allocate gigabytes)."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning: judged below
-            with Image.open(io.BytesIO(raw)) as im:  # reads the header only
-                width, height = im.size
-    except Image.DecompressionBombError as exc:
-        raise BadSampleError(f"image {path} is too large to decode ({exc})") from None
-    except Exception:  # not a format PIL knows, or a broken header: the decoder will judge
-        return
-    if width * height > MAX_PIXELS:
-        raise BadSampleError(f"image {path} claims {width}x{height} pixels, more than {MAX_PIXELS} "
-                             "(a decompression bomb?)")
-
-
-def _load_with_pil(path: Path, raw: bytes | None = None) -> Tensor:
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(io.BytesIO(raw) if raw is not None else path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16/32-bit gray: convert("RGB") would clip
-                im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError, ... for bad files
-        raise BadSampleError(f"cannot decode image {path}: {exc}") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+def _load_with_pil(path: str | Path, raw: bytes | None = None) -> Tensor:
+    """PIL decoding of a file (kept for callers of the old name; see :mod:`capvis.data.decode`)."""
+    return decode_with_pil(raw if raw is not None else Path(path).read_bytes(), str(path))
 
 
 def sample_seed(seed: int, *parts: int) -> int:

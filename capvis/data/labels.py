@@ -13,11 +13,15 @@ features. One JSON file per split::
 * ``tasks`` maps a task name to its ordered class names; a label is an index into that list.
 * Every image lists every task; a task's value is the list of class indices present (multi-label,
   VOC07-style; an empty list is allowed). A single-label task (such as ``count``) stores a
-  one-element list.
+  one-element list, or an empty one for an image without an answer (left out of that task). The
+  evaluations tell the kinds apart by the data alone: multi-label when any image lists more than one
+  class (:func:`capvis.eval.downstream.task_kind`).
 * ``file_name`` is relative to the split's image folder (``DIR/<split>/`` for CaptionWorld);
   ``image_id`` is optional and, when given, is the id used in the COCO files of the same split.
 
-CaptionWorld writes ``labels_<split>.json`` with tasks ``shape``, ``color_shape`` and ``count``.
+CaptionWorld writes ``labels_<split>.json`` with tasks ``shape``, ``color_shape`` (multi-label), ``count``
+and the fine-grained ``leftmost_color``, ``topmost_shape``, ``largest_color_shape`` (single-label,
+:mod:`capvis.data.world.fine`).
 """
 
 from __future__ import annotations

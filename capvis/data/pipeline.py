@@ -71,7 +71,8 @@ def build_shard_stream(cfg: Config, split: str, tokenizer: Tokenizer, info: Dist
     return ShardStream(shards, tokenizer, transform, max_caption_length=d.max_caption_length, seed=cfg.train.seed,
                        rank=info.rank, world_size=info.world_size, shuffle=train, shuffle_buffer=d.shuffle_buffer,
                        start_iteration=start_iteration, batch_size=local_batch_size(cfg, info.world_size),
-                       infinite=train, one_caption_per_image=d.one_caption_per_image)
+                       infinite=train, one_caption_per_image=d.one_caption_per_image,
+                       max_bad_fraction=d.max_bad_fraction)
 
 
 def build_train_loader(cfg: Config, tokenizer: Tokenizer | None, info: DistInfo, *,
@@ -79,11 +80,13 @@ def build_train_loader(cfg: Config, tokenizer: Tokenizer | None, info: DistInfo,
     """An endless loader; its stream restarts exactly at ``start_iteration``."""
     batch = local_batch_size(cfg, info.world_size)
     if is_shard_pattern(cfg.data.train):
+        from capvis.data.streaming import collate_stream
+
         stream = build_shard_stream(cfg, "train", _require_tokenizer(tokenizer), info, start_iteration=start_iteration)
         log.info("train: %d samples in %d shards, %d per process and step", stream.num_samples, len(stream.shards),
                  batch)
         return make_stream_loader(stream, batch_size=batch, num_workers=cfg.data.num_workers,
-                                  collate=collate_captions, pin_memory=info.device.type == "cuda")
+                                  collate=collate_stream, pin_memory=info.device.type == "cuda")
     dataset = build_caption_dataset(cfg, "train", _require_tokenizer(tokenizer))
     sampler = ResumableShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size,
                                       seed=cfg.train.seed, start=start_iteration * batch)

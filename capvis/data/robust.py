@@ -15,7 +15,9 @@ dataset that is mostly broken. :class:`BadSampleBudget` sits between the two:
   nothing usable is left (a dataset whose every item is bad fails at once, see ``CaptionDataset``).
 
 Counters are per process: each DataLoader worker holds its own copy of the dataset and so its own
-budget, judged on the samples that worker has seen.
+budget, judged on the samples that worker has seen. For shard streams the batches also carry their
+worker's counts, which :class:`BadSampleTally` sums in the training process for the end-of-run report,
+``metrics.jsonl`` and the checkpoint (so the totals of a resumed run cover the whole run).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from typing import Sequence
 
 from capvis.errors import CapvisError, DataError
 
@@ -79,6 +82,33 @@ class BadSampleBudget:
         if self.max_bad_fraction >= 1:
             return False
         return self.seen >= min_seen(self.max_bad_fraction) and self.bad > self.max_bad_fraction * self.seen
+
+
+class BadSampleTally:
+    """The bad and seen samples of one process's loader workers, from the counts their batches carry.
+
+    Each worker's counts are cumulative, so the latest batch of each worker holds its totals. ``base``
+    holds the run's totals (all processes) before a resume; :meth:`totals` adds it to the counts of
+    this run summed over processes (the caller reduces :meth:`local` over ranks).
+    """
+
+    def __init__(self, base: dict[str, int] | None = None) -> None:
+        self.base = (int((base or {}).get("bad", 0)), int((base or {}).get("seen", 0)))
+        self._latest: dict[int, tuple[int, int]] = {}
+
+    def update(self, stats: Sequence[int]) -> None:
+        """``(worker, bad, seen)`` of one batch."""
+        worker, bad, seen = (int(v) for v in stats)
+        self._latest[worker] = (bad, seen)
+
+    def local(self) -> tuple[int, int]:
+        """(bad, seen) of this process's workers since the start of this run."""
+        return sum(b for b, _ in self._latest.values()), sum(s for _, s in self._latest.values())
+
+    def totals(self, summed_local: tuple[int, int] | None = None) -> dict[str, int]:
+        """Plain data (checkpoint, report): ``base`` plus this run's counts (default: this process's)."""
+        bad, seen = summed_local if summed_local is not None else self.local()
+        return {"bad": self.base[0] + int(bad), "seen": self.base[1] + int(seen)}
 
 
 _WORKER_HEADER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")

@@ -21,17 +21,26 @@ samples by tar header). Each sample's caption
 choice and augmentation are seeded from ``(seed, epoch, key)`` as in :class:`CaptionDataset` (the
 writer's key is the annotation index), so they do not depend on the worker count either.
 
-**Bad samples** (undecodable image, no caption) are skipped, counted in ``bad_samples`` of the
-process that read them (each DataLoader worker has its own) and logged with shard and key. A skipped
-bad sample shifts the rest of that worker's epoch by one, so a resume after bad samples may repeat up
-to that many samples; :func:`capvis.data.shards.write_shards` writes only readable files, so this is
-rare.
+**Bad samples** (an empty, truncated, oversized or undecodable image; no caption) are skipped,
+logged with shard and key, and counted by a :class:`~capvis.data.robust.BadSampleBudget` per reading
+process (each DataLoader worker has its own), which enforces ``data.max_bad_fraction`` as the folder
+path does: the run stops with a one-line DataError naming the last culprit once a worker's bad share
+exceeds it. Every sample carries its worker's running counts (``data_stats``); :func:`collate_stream`
+puts the last of them in the batch, so the training loop sums the workers' counts, reports them and
+stores them in checkpoints. A skipped bad sample shifts the rest of that worker's epoch by one, so a
+resume after bad samples may repeat up to that many samples.
 
-**Decoding.** ``torchvision.io.decode_jpeg`` on the CPU bytes. With ``draft=True`` a JPEG whose
-random crop (drawn from the header's size before decoding) is at least ``4 * image_size`` pixels on
-its short side is decoded at 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL ``draft``), which is
-cheaper to decode and to resize; the crop is still a downscale to ``image_size``. Entropy decoding
-is not reduced, so the gain is modest (docs/data_at_scale.md); at 1/2 there is none.
+**Decoding** goes through :func:`capvis.data.decode.decode_image`, the decoder and pixel-count guard
+of the folder path (torchvision for JPEG; PIL for the rest, since torchvision's PNG decoder crashes
+the process on a short PNG). With ``draft=True`` a JPEG whose random crop (drawn from the header's
+size before decoding) is at least ``4 * image_size`` pixels on its short side is decoded at 1/4 or
+1/8 scale by libjpeg's DCT scaling (PIL ``draft``), which is cheaper to decode and to resize; the
+crop is still a downscale to ``image_size``. Entropy decoding is not reduced, so the gain is modest
+(docs/data_at_scale.md); at 1/2 there is none.
+
+**Resume split.** :func:`stream_split` records what the stream position depends on (processes,
+workers, per-process batch, shards); :func:`check_resume_split` refuses, in one line saying what to
+set, a resume under a different split, which would silently give different data.
 """
 
 from __future__ import annotations
@@ -50,11 +59,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from capvis.data.datasets import sample_seed
+from capvis.data.datasets import collate_captions, sample_seed
+from capvis.data.decode import checked_size, decode_image, decode_with_pil
+from capvis.data.robust import BadSampleBudget
 from capvis.data.shards import IMAGE_EXTENSIONS, TarSample, iter_tar_samples, shard_counts
 from capvis.data.tokenizer import EOS_ID, SOS_ID, Tokenizer, normalize_caption
 from capvis.data.transforms import PairTransform, TrainTransform
-from capvis.errors import DataError
+from capvis.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +130,15 @@ class ShardStream(IterableDataset):
         infinite: endless epochs (training); else one epoch in which every slot yields the same number
             of samples (the uneven tail is dropped), so DDP ranks see equally many batches.
         counts: samples per shard (default: from ``manifest.json`` or the tar headers).
+        max_bad_fraction: share of the samples a process reads that may be bad (``data.max_bad_fraction``).
     """
 
     def __init__(self, shards: Sequence[str], tokenizer: Tokenizer,
                  transform: PairTransform | Callable[[Tensor], Tensor],
                  *, max_caption_length: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  shuffle_buffer: int = 1000, start_iteration: int = 0, batch_size: int = 1, infinite: bool = True,
-                 one_caption_per_image: bool = False, draft: bool = True, counts: Sequence[int] | None = None) -> None:
+                 one_caption_per_image: bool = False, draft: bool = True, counts: Sequence[int] | None = None,
+                 max_bad_fraction: float = 0.01) -> None:
         self.shards = [str(s) for s in shards]
         self.counts = list(counts) if counts is not None else shard_counts(self.shards)
         if sum(self.counts) == 0:
@@ -136,7 +149,13 @@ class ShardStream(IterableDataset):
         self.shuffle, self.shuffle_buffer = shuffle, max(1, shuffle_buffer)
         self.start_iteration, self.batch_size, self.infinite = start_iteration, batch_size, infinite
         self.one_caption_per_image, self.draft = one_caption_per_image, draft
-        self.bad_samples = 0
+        self.budget = BadSampleBudget(max_bad_fraction)  # per process: each worker has its own copy
+        self._worker = 0
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples this process has skipped."""
+        return self.budget.bad
 
     @property
     def num_samples(self) -> int:
@@ -150,6 +169,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._worker = worker
         # a fresh DataLoader asks worker 0 first, but batch `start_iteration` belongs to reader
         # start_iteration % workers: worker w continues the stream of reader (w + start) % workers
         reader = (worker + self.start_iteration) % workers if self.infinite else worker
@@ -191,6 +211,7 @@ class ShardStream(IterableDataset):
             sample = self._decode(shard, key, members, epoch)
             if sample is not None:
                 good += 1
+                sample["data_stats"] = (self._worker, self.budget.bad, self.budget.seen)
                 yield sample
         if good == 0 and length - skip > 0:
             raise DataError(f"no readable sample in {length - skip} samples of epoch {epoch} "
@@ -223,13 +244,15 @@ class ShardStream(IterableDataset):
     # -- one sample ----------------------------------------------------------------------------
 
     def _decode(self, shard: str, key: str, members: dict[str, bytes], epoch: int) -> dict[str, Any] | None:
+        """The sample, or None for a bad one (counted; DataError once over ``max_bad_fraction``)."""
         try:
-            return self._sample(key, members, epoch)
+            sample = self._sample(key, members, epoch)
         except (DataError, RuntimeError, ValueError, OSError) as exc:
-            self.bad_samples += 1
-            log.warning("skipping bad sample %s in %s: %s (%d skipped in this process)", key, shard,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.bad_samples)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.budget.record_bad(f"{shard}:{key}", reason)
             return None
+        self.budget.good()
+        return sample
 
     def _sample(self, key: str, members: dict[str, bytes], epoch: int) -> dict[str, Any]:
         captions, image_id = _captions(members)
@@ -245,7 +268,7 @@ class ShardStream(IterableDataset):
         ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         if ext is None:
             raise DataError(f"no image member (has {sorted(members)})")
-        image = self._image(members[ext], ext, generator)
+        image = self._image(members[ext], f"{key}.{ext}", generator)
         if isinstance(self.transform, PairTransform):
             image, caption = self.transform(image, caption, generator)
         else:
@@ -254,12 +277,12 @@ class ShardStream(IterableDataset):
         return {"image": image, "caption_tokens": torch.tensor(ids, dtype=torch.long),
                 "image_id": image_id if image_id is not None else number}
 
-    def _image(self, data: bytes, ext: str, generator: torch.Generator) -> Tensor:
-        if self.draft and ext in ("jpg", "jpeg") and isinstance(self.transform, TrainTransform):
-            image = decode_draft(data, self.transform, generator)
+    def _image(self, data: bytes, name: str, generator: torch.Generator) -> Tensor:
+        if self.draft and data and name.endswith((".jpg", ".jpeg")) and isinstance(self.transform, TrainTransform):
+            image = decode_draft(data, self.transform, generator, name)
             if image is not None:
                 return image
-        return decode_bytes(data)
+        return decode_image(data, name)
 
 
 def _read_members(fh: BinaryIO, sample: TarSample) -> dict[str, bytes]:
@@ -285,33 +308,26 @@ def _captions(members: dict[str, bytes]) -> tuple[list[str], int | None]:
     return [], None
 
 
-def decode_bytes(data: bytes) -> Tensor:
-    """Encoded image bytes -> uint8 (3, H, W) RGB with EXIF orientation (torchvision; PIL as fallback)."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_image(tensor, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except (RuntimeError, ValueError):
-        return _decode_pil(data, None)
-
-
-def decode_draft(data: bytes, transform: TrainTransform, generator: torch.Generator) -> Tensor | None:
+def decode_draft(data: bytes, transform: TrainTransform, generator: torch.Generator,
+                 name: str = "JPEG") -> Tensor | None:
     """Decode at 1/4 or 1/8 scale when this sample's random crop allows; None: decode at full size.
 
     The crop is previewed on a copy of ``generator`` with the header's size; the scale ``k`` is the
     largest with ``min(crop_h, crop_w) / k >= transform.size``. The transform then draws its crop again
-    on the smaller image (same random numbers, so the same relative crop up to rounding).
+    on the smaller image (same random numbers, so the same relative crop up to rounding). The
+    pixel-count guard of :mod:`capvis.data.decode` runs first (BadSampleError for a bomb).
     """
     from PIL import Image
 
+    if checked_size(data, name) is None:
+        return None
     try:
-        with Image.open(BytesIO(data)) as im:
-            width, height = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees on display
-                width, height = height, width
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: checked_size judged it
+            with Image.open(BytesIO(data)) as im:
+                width, height = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees on display
+                    width, height = height, width
     except (OSError, ValueError, SyntaxError):
         return None
     preview = torch.Generator()
@@ -320,22 +336,7 @@ def decode_draft(data: bytes, transform: TrainTransform, generator: torch.Genera
     scale = next((k for k in (8, 4) if min(h, w) >= k * transform.size), 1)
     if scale == 1:  # at 1/2, PIL's reduced decode is no faster than torchvision's full one (measured)
         return None
-    return _decode_pil(data, scale)
-
-
-def _decode_pil(data: bytes, scale: int | None) -> Tensor:
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(BytesIO(data)) as im:
-            if scale:
-                im.draft("RGB", (max(1, im.size[0] // scale), max(1, im.size[1] // scale)))
-            if im.getexif().get(0x0112, 1) != 1:
-                im = ImageOps.exif_transpose(im)
-            array = np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot decode image: {exc}") from None
-    return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W), channels-last in memory (no copy)
+    return decode_with_pil(data, name, scale=scale)
 
 
 def draft_fraction(width: int, height: int, transform: TrainTransform, trials: int = 2000, seed: int = 0) -> float:
@@ -348,4 +349,41 @@ def draft_fraction(width: int, height: int, transform: TrainTransform, trials: i
     return hits / trials
 
 
-__all__ = ["ShardStream", "batches_before", "buffer_shuffle_order", "decode_bytes", "decode_draft", "slot_plan"]
+def collate_stream(samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+    """:func:`collate_captions` plus ``data_stats``: (worker, bad, seen) counts of the worker that made
+    the batch, as of its last sample (the training loop sums the latest counts of every worker)."""
+    batch = collate_captions(samples)
+    batch["data_stats"] = torch.tensor(samples[-1]["data_stats"], dtype=torch.long)  # (3,)
+    return batch
+
+
+def stream_split(stream: ShardStream, num_workers: int) -> dict[str, int]:
+    """What the resume position of a training stream depends on, as plain data for a checkpoint."""
+    return {"world_size": stream.world_size, "num_workers": num_workers,
+            "batch_size": stream.batch_size * stream.world_size,  # train.batch_size, the global batch
+            "shards": len(stream.shards), "samples": stream.num_samples}
+
+
+def check_resume_split(saved: dict[str, Any], current: dict[str, int], checkpoint: str) -> None:
+    """ConfigError, in one line saying what to set, when a stream would resume under another split
+    (the position arithmetic of the module doc assumes the same processes, workers and batch)."""
+    want = {**saved, "num_workers": max(1, int(saved.get("num_workers", 1)))}
+    have = {**current, "num_workers": max(1, int(current["num_workers"]))}  # 0 and 1 worker read alike
+    fixes = {
+        "num_workers": f"data.num_workers={saved.get('num_workers')}",
+        "world_size": f"{saved.get('world_size')} processes (WORLD_SIZE / torchrun --nproc-per-node)",
+        "batch_size": f"train.batch_size={saved.get('batch_size')}",
+        "shards": f"data.train naming the same {saved.get('shards')} shards",
+        "samples": f"data.train naming the same shards ({saved.get('samples')} samples)",
+    }
+    changed = [k for k in fixes if k in want and int(want[k]) != int(have[k])]
+    if changed:
+        was = ", ".join(f"{k}={saved.get(k)}" for k in changed)
+        now = ", ".join(f"{k}={current[k]}" for k in changed)
+        raise ConfigError(
+            f"cannot resume the shard stream of {checkpoint} exactly: it was read with {was}, this run has {now}; "
+            f"resume with {' and '.join(dict.fromkeys(fixes[k] for k in changed))}, or start a new run")
+
+
+__all__ = ["ShardStream", "batches_before", "buffer_shuffle_order", "check_resume_split", "collate_stream",
+           "decode_draft", "slot_plan", "stream_split"]

@@ -99,6 +99,8 @@ class Tokenizer:
 
 def _load_processor(data: bytes, path: Path | None) -> spm.SentencePieceProcessor:
     where = str(path) if path is not None else "<model bytes>"
+    if not data:  # sentencepiece would log C++ errors to stderr and give an empty processor
+        raise DataError(f"{where}: vocabulary file is empty (build one with `capvis vocab`)")
     try:
         sp = spm.SentencePieceProcessor(model_proto=data)
     except Exception as exc:  # sentencepiece raises RuntimeError/OSError with C++ text

@@ -21,7 +21,10 @@ from capvis.data.tokenizer import Tokenizer  # noqa: E402
 from capvis.data.transforms import build_eval_transform  # noqa: E402
 from capvis.models.decoding import decode  # noqa: E402
 
-TASK_TITLES = {"shape": "shape presence", "color_shape": "colour-shape presence", "count": "object count"}
+TASK_TITLES = {"shape": "shape presence", "color_shape": "colour-shape presence", "count": "object count",
+               "leftmost_color": "leftmost colour", "topmost_shape": "topmost shape",
+               "largest_color_shape": "largest colour-shape"}
+METRIC_TITLES = {"mAP": "mAP", "top1": "top-1"}
 
 
 def loss_curve(metrics: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -105,9 +108,12 @@ def _wrap(text: str, width: int = 44) -> str:
     return "\n".join([*lines, line])
 
 
-def results_table(results: dict[str, dict[str, float]]) -> tuple[list[str], list[list[str]]]:
+def results_table(results: dict[str, dict[str, float]], metrics: dict[str, str] | None = None
+                  ) -> tuple[list[str], list[list[str]]]:
+    """One row per method, one column per task, titled with the task's metric (default mAP)."""
     tasks = list(next(iter(results.values())))
-    header = ["method", *[f"{TASK_TITLES.get(t, t)} mAP" for t in tasks]]
+    metrics = metrics or {}
+    header = ["method", *[f"{TASK_TITLES.get(t, t)} {METRIC_TITLES.get(metrics.get(t, 'mAP'))}" for t in tasks]]
     rows = [[method, *[f"{scores[t]:.1f}" for t in tasks]] for method, scores in results.items()]
     return header, rows
 

@@ -19,7 +19,7 @@ from capvis.config import Config, apply_overrides, load_config
 from capvis.data.annotations import read_caption_texts
 from capvis.data.tokenizer import Tokenizer, train_tokenizer
 from capvis.data.world import write_world
-from capvis.eval.downstream import svm_eval_label_files
+from capvis.eval.downstream import evaluate_label_tasks
 from capvis.tasks import build_task
 from capvis.train.loop import Trainer
 
@@ -37,12 +37,13 @@ class DemoSizes:
     vocab_size: int = 400
     caption_images: int = 12
     attention_images: int = 3
+    truth_images: int = 200  # test images captioned to check their claims against the scenes
     overrides: tuple[str, ...] = ()
 
     @classmethod
     def quick(cls) -> "DemoSizes":
         return cls(train_images=48, svm_train_images=48, svm_test_images=32, iterations=6, vocab_size=120,
-                   caption_images=4, attention_images=1,
+                   caption_images=4, attention_images=1, truth_images=8,
                    overrides=("train.batch_size=8", "model.textual.hidden=64", "train.warmup=2",
                               "train.log_every=2", "train.checkpoint_every=6", "data.num_workers=0"))
 
@@ -92,20 +93,19 @@ def random_task(cfg: Config, vocab_size: int) -> torch.nn.Module:
     return build_task(cfg, vocab_size).eval()
 
 
-def svm_evaluate(backbone: torch.nn.Module, world: Path, image_size: int, *, workers: int = 2) -> dict[str, float]:
-    """VOC07 protocol (paper A.1) on CaptionWorld's downstream labels: SVMs on GAP features of
-    the ``val`` images, mAP on the ``test`` images; neither split was seen in pretraining.
-    Images are used whole (resize = crop = the world's size): a crop would cut off labelled objects."""
+def label_evaluate(backbone: torch.nn.Module, world: Path, image_size: int, *, workers: int = 2
+                   ) -> dict[str, tuple[str, float]]:
+    """Every downstream task of the world by the protocol of its kind (capvis.eval.downstream): the
+    multi-label ones by the VOC07 SVM protocol (paper A.1, mAP), the single-label fine-grained ones by a
+    linear probe (top-1 %), on frozen GAP features; trained on ``val``, scored on ``test``, neither seen
+    in pretraining. Images are used whole (resize = crop = the world's size): a crop would cut off
+    labelled objects. Returns ``{task: (metric, value)}``."""
     with warnings.catch_warnings():  # rare classes without enough positives: one line, not one per class
         warnings.simplefilter("ignore")
-        results = svm_eval_label_files(backbone, world / "annotations" / "labels_val.json",
-                                       world / "annotations" / "labels_test.json", image_size=image_size,
-                                       resize=image_size, batch_size=128, workers=workers, details=True)
-    for task, result in results.items():
-        if result.skipped:
-            log.info("%s: %d classes have too few examples for 3-fold CV and are left out of mAP",
-                     task, len(result.skipped))
-    return {task: round(float(result.map), 2) for task, result in results.items()}
+        rows = evaluate_label_tasks(backbone, world / "annotations" / "labels_val.json",
+                                    world / "annotations" / "labels_test.json", image_size=image_size,
+                                    resize=image_size, batch_size=128, workers=workers)
+    return {r["eval_task"]: (r["metric"], round(float(r["value"]), 2)) for r in rows}
 
 
 def write_json(path: Path, data: Any) -> None:

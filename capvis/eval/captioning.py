@@ -1,8 +1,8 @@
 """Caption images with a trained model, and evaluate the captions against references.
 
 :func:`caption_images` decodes any list of image files in batches (beam search, greedy or nucleus,
-KV-cached) and returns COCO results rows ``{"image_id", "caption", "file_name"}``. It accepts any
-file names: the original VirTex parsed COCO ids out of names and failed on anything else. Here
+KV-cached; or parallel, one pass) and returns COCO results rows ``{"image_id", "caption", "file_name"}``.
+It accepts any file names: the original VirTex parsed COCO ids out of names and failed on anything else. Here
 ``image_id`` is the integer stem when the stem is all digits (``000000139.jpg`` -> 139, so COCO
 folders give COCO ids), else the first unused integer from 1. Unreadable files are skipped with a
 warning. Images go through the downstream eval transform: shorter side to ``image_size * 256/224``,
@@ -41,7 +41,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 class DecodeSettings:
     """How captions are decoded (defaults as in VirTex: beam 5, 30 steps; top-p 0.9 for nucleus)."""
 
-    method: str = "beam"  # beam | greedy | nucleus
+    method: str = "beam"  # beam | greedy | nucleus | parallel (one pass, CapPa)
     beam_size: int = 5
     top_p: float = 0.9
     max_steps: int = 30

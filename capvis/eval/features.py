@@ -1,13 +1,21 @@
 """Frozen-backbone features: global-average-pooled (or other stages), batched and cached.
 
 Evaluations (SVMs, linear probes, zero-shot) run many times on the same features, so features
-are written once to a ``.npy`` file keyed by the checkpoint, image list and preprocessing.
-Preprocessing follows the paper's downstream protocol: resize the shorter side, center crop,
-ImageNet normalisation (256/224 at full size; ``resize = image_size * 8/7`` in general).
+are computed once and written to a ``.npy`` file whose name is a key over everything that decides
+them (:func:`feature_key`): the backbone's weights themselves (not the checkpoint's path, which a
+newer checkpoint or a ``model.*`` override can reuse), the image files (path, size, modification
+time, in order), the transform, the stage and the precision. Preprocessing follows the paper's
+downstream protocol: resize the shorter side, center crop, ImageNet normalisation (256/224 at full
+size; ``resize = image_size * 8/7`` in general).
+
+On CUDA the forward runs under bf16 autocast with channels-last inputs (features are returned in
+float32); on CPU it runs in float32 (bf16 is slower there). Batches are loaded by a DataLoader
+(``num_workers`` processes, pinned memory on CUDA).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +33,7 @@ from capvis.data.transforms import build_eval_transform
 
 log = logging.getLogger(__name__)
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+KEY_VERSION = 2  # bump when extraction changes in a way the key does not see
 
 
 class ImageListDataset(Dataset):
@@ -55,41 +64,88 @@ def stage_features(backbone: nn.Module, images: Tensor, stage: str = "layer4") -
     raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
 
 
+def precision(device: str | torch.device) -> str:
+    """``bf16`` (autocast, channels-last) on CUDA, ``fp32`` elsewhere: part of the cache key."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, paths: Sequence[str | Path], *, image_size: int,
                      resize: int | None = None, batch_size: int = 64, num_workers: int = 0,
-                     device: str | torch.device = "cpu", stage: str = "layer4", progress: bool = False) -> np.ndarray:
+                     device: str | torch.device = "cpu", stage: str = "layer4", progress: bool = False
+                     ) -> np.ndarray:
     """(N, C) float32 features of ``paths`` in order."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     backbone = backbone.eval().to(device)
+    if cuda:
+        backbone = backbone.to(memory_format=torch.channels_last)
     loader = DataLoader(ImageListDataset(paths, image_size, resize or default_resize(image_size)),
-                        batch_size=batch_size, num_workers=num_workers)
+                        batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     out = []
     for images in tqdm(loader, desc=f"features {stage}", disable=not progress):
-        images = images.to(device)
-        out.append(stage_features(backbone, images, stage).float().cpu())
+        images = images.to(device, non_blocking=True)
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            out.append(stage_features(backbone, images, stage).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def cache_key(source: str, paths: Sequence[str | Path], **settings: object) -> str:
-    h = hashlib.sha256(json.dumps({"source": source, "settings": settings}, sort_keys=True, default=str).encode())
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and values), independent of device."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def feature_key(backbone: nn.Module, paths: Sequence[str | Path], *, image_size: int,
+                resize: int | None = None, stage: str = "layer4", device: str | torch.device = "cpu"
+                ) -> tuple[str, dict]:
+    """``(key, settings)``: a hex key over the weights, the files (path, size, mtime; in order), the
+    transform, the stage and the precision, and the readable settings it covers (for the sidecar)."""
+    resize = resize or default_resize(image_size)
+    settings = {"version": KEY_VERSION, "weights": weights_digest(backbone), "stage": stage,
+                "image_size": image_size, "resize": resize, "precision": precision(device),
+                "transform": repr(build_eval_transform(image_size, resize)), "images": len(paths)}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for p in paths:
-        h.update(str(p).encode())
-    return h.hexdigest()[:16]
+        try:
+            st = Path(p).stat()
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # extraction will name the missing file
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:24], settings
 
 
 def cached_features(backbone: nn.Module, paths: Sequence[str | Path], *, cache_dir: str | Path | None,
-                    source: str, **kwargs: object) -> np.ndarray:
-    """``extract_features`` with an on-disk cache (``None`` disables it)."""
-    if cache_dir is None or source == "random":
+                    source: str = "", **kwargs: object) -> np.ndarray:
+    """``extract_features`` with an on-disk cache (``cache_dir=None`` disables it).
+
+    ``source`` (the checkpoint's name) is recorded in the sidecar only: the key covers the weights.
+    """
+    if cache_dir is None:
         return extract_features(backbone, paths, **kwargs)
-    settings = {k: v for k, v in kwargs.items() if k in ("image_size", "resize", "stage")}
-    path = Path(cache_dir) / f"features_{cache_key(source, paths, **settings)}.npy"
+    key_args = {k: kwargs[k] for k in ("image_size", "resize", "stage", "device") if k in kwargs}
+    key, settings = feature_key(backbone, paths, **key_args)
+    path = Path(cache_dir) / f"features_{key}.npy"
     if path.is_file():
-        log.info("features from cache %s", path)
-        return np.load(path)
+        try:
+            feats = np.load(path)
+            if feats.ndim == 2 and len(feats) == len(paths):
+                log.info("features from cache %s", path)
+                return feats
+        except (OSError, ValueError) as exc:
+            log.warning("feature cache %s unreadable (%s); extracting again", path, exc)
     feats = extract_features(backbone, paths, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, feats)
     tmp.replace(path)
+    sidecar = {**settings, "source": source, "shape": list(feats.shape)}
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
     return feats

@@ -16,7 +16,12 @@ plain ``numpy`` arrays, so it serves VOC2007 and any other multi-label dataset a
 
 Features are L2-normalised row-wise here (``normalize=True``); the original does it inside its
 feature extractor, so pass ``normalize=False`` only for features that are already normalised or
-to study the effect. Classes run in parallel processes (joblib), as the original's Pool does.
+to study the effect.
+
+Two solvers give the same protocol (``solver=``, a registry): ``batched`` (default,
+:mod:`capvis.eval.svm_batched`) solves every class x cost x fold at once as a primal Newton method in
+torch, ~10x faster than the original on VOC07; ``liblinear`` runs sklearn's ``LinearSVC`` per class in
+parallel processes (joblib), as the original's Pool does, for exact reproduction.
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from joblib import Parallel, delayed
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
-from capvis.errors import DataError
+from capvis.errors import ConfigError, DataError
+from capvis.eval import svm_batched
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +50,10 @@ VOC07_COSTS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
 
 @dataclass
 class ClassResult:
-    """Outcome of one class's SVM; AP values are in percent (x100), as the paper reports them."""
+    """Outcome of one class's SVM; AP values are in percent (x100), as the paper reports them.
+
+    ``convergence_warnings`` counts the fits (CV and refit) that stopped at the iteration cap.
+    """
 
     name: str
     ap: float
@@ -175,6 +185,38 @@ def _check_shapes(train_x, train_y, test_x, test_y) -> None:
             raise DataError(f"{name} labels must be in {{1, 0, -1}}; found {bad[:5].tolist()}")
 
 
+def _liblinear(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+               names: list[str], costs: tuple[float, ...], folds: int, *, workers: int | None,
+               random_state: int | None, device: str | torch.device) -> list[ClassResult]:
+    """One sklearn ``LinearSVC`` problem at a time, classes in parallel processes."""
+    jobs = [delayed(train_eval_one_class)(name, train_x, train_y[:, j], test_x, test_y[:, j], costs, folds,
+                                          random_state) for j, name in enumerate(names)]
+    n_workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(jobs))))
+    results = Parallel(n_jobs=n_workers)(jobs) if jobs else []
+    for r in results:
+        if r.convergence_warnings:
+            logger.info("SVM class %s: %d fits hit max_iter", r.name, r.convergence_warnings)
+    return list(results)
+
+
+def _batched(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+             names: list[str], costs: tuple[float, ...], folds: int, *, workers: int | None,
+             random_state: int | None, device: str | torch.device) -> list[ClassResult]:
+    """Every class x cost x fold as one batched Newton solve (``workers``/``random_state`` unused)."""
+    if not names:
+        return []
+    out = svm_batched.protocol(train_x, train_y, test_x, test_y, costs, folds, device=device)
+    results = [ClassResult(name, r["ap"], r["cost"], r["cv_ap"], r["not_converged"])
+               for name, r in zip(names, out)]
+    for r in results:
+        if r.convergence_warnings:
+            logger.warning("SVM class %s: %d problems hit the iteration cap", r.name, r.convergence_warnings)
+    return results
+
+
+SOLVERS = {"batched": _batched, "liblinear": _liblinear}
+
+
 def train_eval_svms(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -187,6 +229,8 @@ def train_eval_svms(
     class_names: Sequence[str] | None = None,
     normalize: bool = True,
     random_state: int | None = 0,
+    solver: str = "batched",
+    device: str | torch.device = "cpu",
 ) -> SVMResult:
     """Run the VOC07 SVM protocol for every class and average the test APs.
 
@@ -197,15 +241,19 @@ def train_eval_svms(
         test_y: (N_test, K) labels in {1, 0, -1}; -1 rows are left out of that class's AP.
         costs: candidate SVM costs C, tried in this order (ties keep the earlier one).
         folds: cross-validation folds for choosing C.
-        workers: processes running classes in parallel; default ``os.cpu_count()``; 1 runs
-            in-process.
+        workers: ``liblinear``: processes running classes in parallel; default ``os.cpu_count()``;
+            1 runs in-process. ``batched`` uses torch's threads instead.
         class_names: names for the K columns (default "0".."K-1").
         normalize: L2-normalise feature rows first (the original normalises at extraction).
         random_state: liblinear seed, for repeatable results.
+        solver: ``batched`` (all problems in one torch solve) or ``liblinear`` (sklearn, exact).
+        device: where the ``batched`` solver runs (``cpu``, ``cuda``, ...).
 
     Returns:
         SVMResult with per-class AP and cost, and mAP, all in percent.
     """
+    if solver not in SOLVERS:
+        raise ConfigError(f"unknown SVM solver {solver!r}; known: {', '.join(SOLVERS)}")
     train_x, test_x = np.asarray(train_x), np.asarray(test_x)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     _check_shapes(train_x, train_y, test_x, test_y)
@@ -217,21 +265,16 @@ def train_eval_svms(
         train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
 
     skipped: dict[str, str] = {}
-    jobs = []
+    kept = []
     for j, name in enumerate(names):
         reason = _skip_reason(train_y[:, j], test_y[:, j], folds)
         if reason is not None:
             warnings.warn(f"SVM: skipping class {name!r}: {reason}; it is left out of mAP",
                           stacklevel=2)
             skipped[name] = reason
-            continue
-        jobs.append(delayed(train_eval_one_class)(
-            name, train_x, train_y[:, j], test_x, test_y[:, j], tuple(costs), folds, random_state,
-        ))
-    n_workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(jobs))))
-    results = Parallel(n_jobs=n_workers)(jobs) if jobs else []
-    for r in results:
-        if r.convergence_warnings:
-            logger.info("SVM class %s: %d fits hit max_iter", r.name, r.convergence_warnings)
+        else:
+            kept.append(j)
+    results = SOLVERS[solver](train_x, train_y[:, kept], test_x, test_y[:, kept], [names[j] for j in kept],
+                              tuple(costs), folds, workers=workers, random_state=random_state, device=device)
     mean = float(np.mean([r.ap for r in results])) if results else float("nan")
-    return SVMResult(map=mean, per_class=list(results), skipped=skipped)
+    return SVMResult(map=mean, per_class=results, skipped=skipped)

@@ -54,6 +54,29 @@ class MultiheadAttention(nn.Module):
         ``weights`` (B, T, S), averaged over heads, is computed (on a slower explicit path) only
         when ``need_weights`` is set.
         """
+        out, weights = self._attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                       need_weights=need_weights)
+        return self.out_proj(out), weights
+
+    def attend_slots(self, q: Tensor, k: Tensor, v: Tensor, slots: Tensor, group: int, *,
+                     need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """One query per row, (R, heads, 1, d), over per-image keys (B, heads, S, d): row r is slot
+        ``slots[r]`` of a (B, group) grid (beam search: the beams of an image share its keys, uncopied).
+
+        Returns ((R, 1, E), (R, 1, S) weights or None); empty slots of the grid cost only attention.
+        """
+        b, h, _, d = k.shape
+        grid = q.new_zeros(b * group, h, d).index_copy_(0, slots, q[:, :, 0])  # (B*G, heads, d)
+        grid = grid.view(b, group, h, d).transpose(1, 2)  # (B, heads, G, d): an image's beams as its queries
+        out, weights = self._attention(grid, k, v, need_weights=need_weights)
+        out = self.out_proj(out.reshape(b * group, -1).index_select(0, slots)).unsqueeze(1)  # (R, 1, E)
+        if weights is not None:
+            weights = weights.reshape(b * group, -1).index_select(0, slots).unsqueeze(1)  # (R, 1, S)
+        return out, weights
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
+                   is_causal: bool = False, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``attend`` before the output projection: ((B, T, E), weights)."""
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
@@ -70,8 +93,7 @@ class MultiheadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
                                                  is_causal=is_causal and attn_mask is None)
         b, _, t, _ = out.shape
-        out = out.transpose(1, 2).reshape(b, t, self.embed_dim)  # (B, T, E)
-        return self.out_proj(out), weights
+        return out.transpose(1, 2).reshape(b, t, self.embed_dim), weights  # (B, T, E)
 
 
 @dataclass
@@ -82,6 +104,8 @@ class LayerCache:
     self_v: Tensor
     cross_k: Tensor  # (B, heads, S, d), computed once per image
     cross_v: Tensor
+    slots: Tensor | None = None  # (R,) beam rows: row r is slot slots[r] of a (B, group) grid (None: row = image)
+    group: int = 1
 
     def reorder(self, index: Tensor, *, memory: bool) -> None:
         self.self_k = self.self_k.index_select(0, index)
@@ -89,6 +113,15 @@ class LayerCache:
         if memory:
             self.cross_k = self.cross_k.index_select(0, index)
             self.cross_v = self.cross_v.index_select(0, index)
+
+    def regroup(self, rows: Tensor, slots: Tensor, group: int, images: Tensor | None) -> None:
+        """Keep self-attention rows ``rows``, now at ``slots`` of a (B', group) grid over the images
+        kept by ``images`` (None: all), whose cross-attention K/V stay one copy per image."""
+        self.reorder(rows, memory=False)
+        self.slots, self.group = slots, group
+        if images is not None:
+            self.cross_k = self.cross_k.index_select(0, images)
+            self.cross_v = self.cross_v.index_select(0, images)
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -149,6 +182,10 @@ class TransformerDecoderLayer(nn.Module):
     def _ca(self, x: Tensor, memory: Tensor | None, need_weights: bool,
             cache: LayerCache | None) -> tuple[Tensor, Tensor | None]:
         attn = self.multihead_attn
+        if cache is not None and cache.slots is not None:  # beam rows sharing their image's K/V
+            out, weights = attn.attend_slots(attn.project_q(x), cache.cross_k, cache.cross_v, cache.slots,
+                                             cache.group, need_weights=need_weights)
+            return self.dropout2(out), weights
         k, v = (cache.cross_k, cache.cross_v) if cache is not None else attn.project_kv(memory)
         out, weights = attn.attend(attn.project_q(x), k, v, need_weights=need_weights)
         return self.dropout2(out), weights

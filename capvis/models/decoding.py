@@ -13,10 +13,11 @@ Every step feeds the whole hypothesis including [SOS] at position 0 (the origina
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capvis.errors import ConfigError
@@ -118,46 +119,137 @@ def beam_search(model: Decodable, images: Tensor, *, beam_size: int = 5, max_ste
                 early_stop: bool = True) -> Decoded:
     """Beam search: every hypothesis may expand to any of its ``beam_size`` best tokens.
 
-    Finished hypotheses stay in the beam with their score frozen; the search stops once every beam
-    of every image has emitted [EOS] (or after ``max_steps``). The best hypothesis is the one with the
-    highest total log-prob, divided by ``len ** length_penalty`` (0: off, as in VirTex) when set.
+    Finished hypotheses stay in the beam with their score frozen. The best hypothesis is the one with
+    the highest total log-prob, divided by ``len ** length_penalty`` (0: off, as in VirTex) when set.
+
+    Cost: the backbone and every layer's cross-attention K/V run once per image and are shared by its
+    beams (one copy per image, not per beam). Each step feeds only the live hypotheses: a finished
+    beam, a beam left without a finite candidate and an image whose beams all ended leave the batch,
+    and the search stops once none is left (or after ``max_steps``). Inside the model step nothing
+    waits for the device; the bookkeeping between steps syncs once (the live count, which sets the
+    next batch's shape). A finished hypothesis never changes, so ``early_stop`` does not change the
+    result; it is kept for the other decoders' signature.
     """
     with _eval_mode(model):
         cache = model.init_decoding(images, max_len=max_steps)
-        b, k, dev = cache.batch_size, beam_size, images.device
-        cache.reorder(torch.arange(b, device=dev).repeat_interleave(k), memory=True)  # (B*K) rows
-        scores = torch.full((b, k), float("-inf"), device=dev)
-        scores[:, 0] = 0.0  # one live hypothesis per image at the start
-        finished = torch.zeros(b, k, dtype=torch.bool, device=dev)
-        history = torch.empty(b * k, 0, dtype=torch.long, device=dev)
-        attn = None
-        tokens = torch.full((b * k,), sos_id, dtype=torch.long, device=dev)
-        offsets = (torch.arange(b, device=dev) * k).unsqueeze(1)  # (B, 1)
+        beams = _Beams.start(cache.batch_size, beam_size, images.device, sos_id)
+        cache.regroup(torch.arange(cache.batch_size, device=images.device), beams.slots, beam_size)  # beam 0
+        ban = None
         for _ in range(cache.max_len):
-            logp, weights = _step(model, tokens, cache, return_attention, banned_ids)
-            v = logp.shape[-1]
-            eos_only = torch.full((v,), float("-inf"), device=dev)
-            eos_only[eos_id] = 0.0
-            logp = torch.where(finished.view(-1, 1), eos_only, logp).view(b, k, v)
-            top, index = (scores.unsqueeze(-1) + logp).view(b, k * v).topk(k, dim=1)  # (B, K)
-            rows = (index // v + offsets).view(-1)  # parent hypothesis of each survivor
-            new = (index % v).view(-1)
-            cache.reorder(rows)
-            history = torch.cat([history[rows], new[:, None]], dim=1)
-            if weights is not None:
-                step_attn = weights[rows].unsqueeze(1)
-                attn = step_attn if attn is None else torch.cat([attn[rows], step_attn], dim=1)
-            finished = finished.view(-1)[rows].view(b, k) | (new == eos_id).view(b, k) | top.isinf()
-            scores, tokens = top, new
-            if early_stop and bool(finished.all()):
+            out = model.decode_step(beams.tokens, cache, return_attention=return_attention)
+            logits, weights = out if return_attention else (out, None)
+            logp = logits.float().log_softmax(dim=-1)  # (R, V) live rows only
+            if ban is None:
+                ban = _banned_mask(banned_ids, logp.shape[-1], logp.device)
+            rows, images_kept = beams.advance(logp.masked_fill_(ban, float("-inf")), weights, eos_id,
+                                              length_penalty)
+            if rows is None:
                 break
+            cache.regroup(rows, beams.slots, beam_size, images_kept)
+        return beams.result(eos_id, length_penalty, cache.extras.get("grid_size"))
+
+
+def _banned_mask(banned: Sequence[int], v: int, device: torch.device) -> Tensor:
+    mask = torch.zeros(v, dtype=torch.bool)
+    mask[[b for b in banned if b < v]] = True
+    return mask.to(device)
+
+
+@dataclass
+class _Beams:
+    """Beam-search state of the A images still searching (K beams each, A*K slots), and the results of
+    the finished images. Slots are image-major; the R live hypotheses are ``slots`` (ascending), in
+    the order of the model's rows."""
+
+    k: int
+    image: Tensor  # (A,) index into the input batch
+    scores: Tensor  # (A, K) total log-probs; -inf: no hypothesis in that slot
+    ended: Tensor  # (A, K) bool: finished (or empty) slots, no longer fed to the model
+    history: Tensor  # (A*K, t) emitted ids
+    slots: Tensor  # (R,) live slots
+    tokens: Tensor  # (R,) last ids of the live slots
+    attn: Tensor | None = None  # (A*K, t, S) cross-attention of each emitted token
+    done: list = field(default_factory=list)  # (image, history, score, attention) of finished images
+
+    @classmethod
+    def start(cls, b: int, k: int, device: torch.device, sos_id: int) -> "_Beams":
+        scores = torch.full((b, k), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # one hypothesis per image at the start
+        slots = torch.arange(b, device=device) * k
+        return cls(k=k, image=torch.arange(b, device=device), scores=scores, ended=scores.isinf(),
+                   history=torch.empty(b * k, 0, dtype=torch.long, device=device), slots=slots,
+                   tokens=torch.full((b,), sos_id, dtype=torch.long, device=device))
+
+    def advance(self, logp: Tensor, weights: Tensor | None, eos_id: int, length_penalty: float
+                ) -> tuple[Tensor | None, Tensor | None]:
+        """One step from the live rows' log-probs (R, V). Returns the cache rows to keep (each new live
+        hypothesis's parent row) and the images kept (None: all), or ``(None, None)`` when all ended."""
+        a, k, v = self.scores.shape[0], self.k, logp.shape[-1]
+        flat = self.scores.view(-1)
+        cand = flat.new_full((a * k, v), float("-inf"))  # a finished slot's one candidate: itself + [EOS]
+        cand[:, eos_id] = torch.where(self.ended.view(-1), flat, float("-inf"))
+        cand.index_copy_(0, self.slots, logp.add_(flat[self.slots, None]))
+        top, index = cand.view(a, k * v).topk(k, dim=1)  # (A, K)
+        parent = (index // v + torch.arange(a, device=top.device).unsqueeze(1) * k).view(-1)  # (A*K,)
+        new = (index % v).view(-1)
+        self.ended = self.ended.view(-1)[parent].view(a, k) | (new == eos_id).view(a, k) | top.isinf()
+        self.scores = top
+        self.history = torch.cat([self.history[parent], new[:, None]], dim=1)
+        if weights is not None:
+            step = weights.new_zeros(a * k, weights.shape[-1]).index_copy_(0, self.slots, weights)  # (A*K, S)
+            step = step[parent].unsqueeze(1)
+            self.attn = step if self.attn is None else torch.cat([self.attn[parent], step], dim=1)
+        live, searching = ~self.ended.view(-1), ~self.ended.all(dim=1)
+        n_live, n_searching = torch.stack([live.sum(), searching.sum()]).tolist()  # the one sync per step
+        row_of_slot = torch.full((a * k,), -1, dtype=torch.long, device=top.device)
+        row_of_slot[self.slots] = torch.arange(len(self.slots), device=top.device)
+        new_slots = torch.nonzero_static(live, size=n_live)[:, 0]
+        rows = row_of_slot[parent[new_slots]]  # a live hypothesis's parent was live
+        self.tokens = new[new_slots]
+        kept = None
+        if n_searching < a:
+            self._store(torch.nonzero_static(~searching, size=a - n_searching)[:, 0], eos_id, length_penalty)
+            if n_searching == 0:
+                self.image = self.image[:0]
+                return None, None
+            kept = torch.nonzero_static(searching, size=n_searching)[:, 0]
+            position = torch.full((a,), -1, dtype=torch.long, device=top.device)
+            position[kept] = torch.arange(n_searching, device=top.device)
+            new_slots = position[new_slots // k] * k + new_slots % k
+            kept_slots = (kept.unsqueeze(1) * k + torch.arange(k, device=top.device)).view(-1)
+            self.image, self.scores, self.ended = self.image[kept], self.scores[kept], self.ended[kept]
+            self.history = self.history[kept_slots]
+            self.attn = self.attn[kept_slots] if self.attn is not None else None
+        self.slots = new_slots
+        return rows, kept
+
+    def _store(self, which: Tensor, eos_id: int, length_penalty: float) -> None:
+        """Keep the best hypothesis of images ``which`` (positions among the A searching)."""
+        k = self.k
+        scores = self.scores[which]  # (n, K)
+        slots = (which.unsqueeze(1) * k + torch.arange(k, device=which.device)).view(-1)
         ranked = scores
         if length_penalty:
-            n = (history != eos_id).sum(1) + (history == eos_id).any(1).long()  # tokens incl. first EOS
-            ranked = scores / n.clamp(min=1).view(b, k).float() ** length_penalty
-        best = ranked.argmax(dim=1) + offsets[:, 0]  # (B,)
-        att = attn[best] if attn is not None else None
-        return _finish(history[best], scores.view(-1)[best], eos_id, att, cache.extras.get("grid_size"))
+            hist = self.history[slots]
+            n = (hist != eos_id).sum(1) + (hist == eos_id).any(1).long()  # tokens incl. first EOS
+            ranked = scores / n.clamp(min=1).view(-1, k).float() ** length_penalty
+        best = ranked.argmax(dim=1)  # (n,)
+        rows = which * k + best
+        attn = self.attn[rows] if self.attn is not None else None
+        self.done.append((self.image[which], self.history[rows], scores.gather(1, best[:, None])[:, 0], attn))
+
+    def result(self, eos_id: int, length_penalty: float, grid: tuple[int, int] | None) -> Decoded:
+        if len(self.image):  # still searching after max_steps
+            self._store(torch.arange(len(self.image), device=self.image.device), eos_id, length_penalty)
+        steps = max(h.shape[1] for _, h, _, _ in self.done)
+        image = torch.cat([i for i, _, _, _ in self.done])
+        history = torch.cat([F.pad(h, (0, steps - h.shape[1]), value=eos_id) for _, h, _, _ in self.done])
+        scores = torch.cat([s for _, _, s, _ in self.done])
+        order = image.argsort()
+        attn = None
+        if self.done[0][3] is not None:
+            attn = torch.cat([F.pad(a, (0, 0, 0, steps - a.shape[1])) for *_, a in self.done])[order]
+        return _finish(history[order], scores[order], eos_id, attn, grid)
 
 
 def nucleus_sample(model: Decodable, images: Tensor, *, top_p: float = 0.9, max_steps: int = 30,
@@ -175,11 +267,18 @@ def nucleus_sample(model: Decodable, images: Tensor, *, top_p: float = 0.9, max_
                            banned_ids=banned_ids, return_attention=return_attention, early_stop=early_stop)
 
 
-DECODERS = {"beam": beam_search, "greedy": greedy_decode, "nucleus": nucleus_sample}
+def _parallel(model: Any, images: Tensor, **kwargs: Any) -> Decoded:
+    from capvis.models.parallel_decoding import parallel_decode  # it imports this module
+
+    return parallel_decode(model, images, **kwargs)
+
+
+DECODERS = {"beam": beam_search, "greedy": greedy_decode, "nucleus": nucleus_sample, "parallel": _parallel}
 
 
 def decode(model: Decodable, images: Tensor, *, method: str = "beam", **kwargs: Any) -> Decoded:
-    """Dispatch by name: ``beam`` (default, beam 5), ``greedy`` or ``nucleus`` (top-p 0.9)."""
+    """Dispatch by name: ``beam`` (default, beam 5), ``greedy``, ``nucleus`` (top-p 0.9) or ``parallel``
+    (one pass over [MASK] inputs, :mod:`capvis.models.parallel_decoding`)."""
     if method not in DECODERS:
         raise ConfigError(f"unknown decoding method {method!r}; known: {', '.join(DECODERS)}")
     return DECODERS[method](model, images, **kwargs)

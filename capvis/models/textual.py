@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from capvis.data.tokenizer import MASK_ID
 from capvis.models.attention import LayerCache, MultiheadAttention, TransformerDecoderLayer
 
 
@@ -67,6 +68,13 @@ class DecodeCache:
         for layer in self.layers:
             layer.reorder(index, memory=memory)
 
+    def regroup(self, rows: Tensor, slots: Tensor, group: int, images: Tensor | None = None) -> None:
+        """Beam search: keep rows ``rows`` (B',) of the self-attention cache; row r is now beam slot
+        ``slots[r]`` of a (images, group) grid and attends to its image's cross-attention K/V, one copy
+        per image (``images`` keeps a subset of them, e.g. drops the finished ones)."""
+        for layer in self.layers:
+            layer.regroup(rows, slots, group, images)
+
 
 class TextualHead(nn.Module):
     """Caption decoder of VirTex (paper Section 3, "Textual Head")."""
@@ -96,6 +104,7 @@ class TextualHead(nn.Module):
         return self.visual_projection(visual_grid.permute(0, 2, 3, 1).flatten(1, 2))
 
     def forward(self, visual_grid: Tensor, tokens: Tensor, lengths: Tensor | None = None, *,
+                parallel: Tensor | None = None,
                 return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Teacher-forced logits.
 
@@ -104,10 +113,14 @@ class TextualHead(nn.Module):
             tokens: (B, T) right-padded caption ids, [SOS] first.
             lengths: (B,) non-pad counts; positions >= length are masked as attention keys
                 (default: derived from ``tokens != padding_idx``).
+            parallel: (B,) bool, rows to run as *parallel prediction* (CapPa): their caption positions
+                are fed [MASK] and attend to each other in both directions (padding stays padding and
+                masked), so every token must come from the image alone. ``None``: all causal.
             return_attention: also return the last layer's cross-attention (B, T, h*w), head-averaged.
 
         Returns:
-            logits (B, T, V): position t predicts token t+1 from tokens <= t.
+            logits (B, T, V): position t predicts token t+1 from tokens <= t (from the image and the
+            caption length alone in ``parallel`` rows).
         """
         t = tokens.shape[1]
         if t > self.max_len:
@@ -119,6 +132,10 @@ class TextualHead(nn.Module):
             keep = torch.arange(t, device=tokens.device) < lengths.to(tokens.device).unsqueeze(1)
         keep[:, 0] = True  # never leave a query row with no key (empty captions)
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        if parallel is not None:
+            rows = parallel.to(tokens.device).unsqueeze(1)  # (B, 1)
+            tokens = torch.where(rows & keep, MASK_ID, tokens)  # (B, T)
+            causal = causal | rows.unsqueeze(2)  # (B, T, T): full attention in parallel rows
         mask = (causal & keep[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
         x = self.embedding(tokens)
         weights = None

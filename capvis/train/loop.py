@@ -10,6 +10,12 @@ with a CapvisError after saving the last good state. A *periodic* checkpoint tha
 (disk full, read-only) is logged and training goes on (the next checkpoint retries, earlier ones stay
 intact); a checkpoint that cannot be written at the end, on a stop request or after bad steps is an
 error, since the run would otherwise end with its latest work unsaved.
+
+Shard streams: the checkpoint also records the stream's split (processes, loader workers, batch,
+shards; :func:`capvis.data.streaming.stream_split`), and a resume under another split is refused at
+start-up in one line, since it would silently read different data. The workers' bad-sample counts
+arrive with the batches; their sums over workers and ranks go into the checkpoint, ``metrics.jsonl``
+(a ``data/...`` row at the end) and the log, covering the whole run across resumes.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from capvis.config import Config, dump_config
-from capvis.data.robust import unwrap_worker_error
+from capvis.data.robust import BadSampleTally, unwrap_worker_error
 from capvis.data.shards import is_shard_pattern
+from capvis.data.streaming import ShardStream, check_resume_split, stream_split
 from capvis.errors import CapvisError, CheckpointError, ConfigError, DataError
 from capvis.tasks import build_task
 from capvis.train import checkpoint as ckpt
@@ -117,12 +124,15 @@ class Trainer:
         self.scaler = self.precision.scaler()
         self.start = 0
         self.saved_at: tuple[int, Path | None] | None = None  # (iteration, path) of the last written checkpoint
+        self._resumed_data: dict[str, Any] | None = None  # the stream entries of the resumed checkpoint
         resumed = resolve_resume(resume, self.output)
         if resumed is not None:
             self._restore(*resumed)
         self.model = (DistributedDataParallel(self.task, device_ids=[self.device] if self.device.type == "cuda"
                                               else None) if self.info.enabled else self.task)
         self.train_loader = build_train_loader(cfg, self.tokenizer, self.info, start_iteration=self.start)
+        self.split = self._stream_split(resumed[0] if resumed is not None else None)
+        self.tally = BadSampleTally((self._resumed_data or {}).get("data_counts"))
         self.val_loader = build_val_loader(cfg, self.tokenizer, self.info)
         self.progress = progress
 
@@ -141,8 +151,30 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} does not match this config: {str(exc).splitlines()[0]}") \
                 from None
         self.start = int(state["iteration"])
+        self._resumed_data = {k: state[k] for k in ("data_stream", "data_counts") if k in state}
         ckpt.set_rng_state(state["rng"])
         log.info("resumed from %s at iteration %d", path, self.start)
+
+    def _stream_split(self, resumed_from: Path | None) -> dict[str, int] | None:
+        """The split of a shard stream (None for a folder dataset); refuses a resume under another one."""
+        if not isinstance(self.train_loader.dataset, ShardStream):
+            return None
+        split = stream_split(self.train_loader.dataset, self.cfg.data.num_workers)
+        if resumed_from is not None:
+            saved = (self._resumed_data or {}).get("data_stream")
+            if saved is None:
+                log.warning("%s does not record the shard stream's split (written by an older capvis): "
+                            "resuming assumes the same data.num_workers, processes and train.batch_size",
+                            resumed_from)
+            else:
+                check_resume_split(saved, split, str(resumed_from))
+        return split
+
+    def data_totals(self) -> dict[str, int]:
+        """Bad and seen samples of the stream, summed over workers and ranks (a collective under DDP)."""
+        local = torch.tensor(self.tally.local(), dtype=torch.float64, device=self.device)
+        summed = (all_reduce_mean(local, self.info) * self.info.world_size).round().long().tolist()
+        return self.tally.totals((summed[0], summed[1]))
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -156,11 +188,12 @@ class Trainer:
 
     def save(self, iteration: int) -> Path | None:
         path = None
+        extra = {"data_stream": self.split, "data_counts": self.data_totals()} if self.split is not None else None
         if self.info.is_main:
             state = ckpt.collect_state(
                 model=self.task, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                 iteration=iteration, config=self.cfg.to_dict(),
-                vocab=self.tokenizer.model_bytes if self.tokenizer is not None else None)
+                vocab=self.tokenizer.model_bytes if self.tokenizer is not None else None, extra=extra)
             path = ckpt.atomic_save(state, ckpt.checkpoint_path(self.output / "checkpoints", iteration))
             ckpt.prune_checkpoints(self.output / "checkpoints", self.cfg.train.keep_checkpoints)
         barrier(self.info)
@@ -190,6 +223,9 @@ class Trainer:
     def _batches(self) -> Iterator[dict[str, Any]]:
         try:
             for batch in self.train_loader:
+                stats = batch.pop("data_stats", None)  # a stream's (worker, bad, seen), on the CPU
+                if stats is not None:
+                    self.tally.update(stats.tolist())
                 yield to_device(batch, self.device, self.channels_last)
         except CapvisError as exc:  # e.g. DataError (too many bad samples) from a worker: keep it one line
             raise unwrap_worker_error(exc) from None
@@ -249,9 +285,23 @@ class Trainer:
                                     "continue with --resume auto", stop.signal_name, iteration, t.iterations, path)
                         stopped = True
                         break
+            data = self._report_data(sink, iteration)
         finally:
             sink.close()
-        return {"iteration": iteration, "last": last, "output": str(self.output), "stopped_early": stopped}
+        return {"iteration": iteration, "last": last, "output": str(self.output), "stopped_early": stopped,
+                **({"data": data} if data is not None else {})}
+
+    def _report_data(self, sink: MetricsSink, iteration: int) -> dict[str, int] | None:
+        """A stream's bad-sample totals at the end of the run: a log line and a ``data/...`` metrics row."""
+        if self.split is None or iteration == self.start:  # nothing read: the last row still holds
+            return None
+        totals = self.data_totals()
+        share = 100 * totals["bad"] / max(totals["seen"], 1)
+        (log.warning if totals["bad"] else log.info)(
+            "data: %d of %d samples read were bad and skipped (%.2f%%; data.max_bad_fraction=%g applies per "
+            "loader worker)", totals["bad"], totals["seen"], share, self.cfg.data.max_bad_fraction)
+        sink.log(iteration, {"bad_samples": totals["bad"], "samples_read": totals["seen"]}, prefix="data")
+        return totals
 
     def _log(self, sink: MetricsSink, iteration: int, result: Any, images_per_s: float) -> dict[str, Any]:
         lrs = [g["lr"] for g in self.optimizer.param_groups]

@@ -2,12 +2,21 @@
 
 Only the main process writes. Values arrive as Python floats: the loop calls ``.item()`` at the
 log cadence only, never every step.
+
+A run that starts at iteration ``start`` (a resume from the checkpoint of that iteration, or 0 for a
+fresh run) first cuts ``metrics.jsonl`` back to the rows of iterations ``<= start``, atomically
+(temporary file, fsync, rename), so the steps it re-runs after a stop appear once, not twice, to
+every reader; a partial last line left by a killed process goes too. TensorBoard gets
+``purge_step=start + 1``, which makes it discard the earlier events of the re-run steps.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +37,16 @@ class MetricsSink:
         if not enabled:
             return
         self.output.mkdir(parents=True, exist_ok=True)
+        try:
+            truncate_metrics(self.output / "metrics.jsonl", start)
+        except OSError as exc:  # as for a full disk: say so, keep training
+            log.warning("could not cut %s back to iteration %d (%s): re-run steps will appear twice",
+                        self.output / "metrics.jsonl", start, exc.strerror or exc)
         self._jsonl = (self.output / "metrics.jsonl").open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.output / "tensorboard"))
+            self._tb = SummaryWriter(str(self.output / "tensorboard"), purge_step=start + 1)
         except Exception as exc:  # tensorboard missing or broken: keep training, say so once
             log.warning("TensorBoard disabled: %s", exc)
         self._bar = tqdm(total=total, initial=start, desc="pretrain", dynamic_ncols=True, disable=not progress,
@@ -74,3 +88,36 @@ class MetricsSink:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def truncate_metrics(path: Path, iteration: int) -> int:
+    """Keep only the rows of ``path`` whose iteration is ``<= iteration`` (atomically); returns rows dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    keep = [line for line in lines if (it := _row_iteration(line)) is not None and it <= iteration]
+    dropped = len([line for line in lines if line.strip()]) - len(keep)
+    if not dropped:
+        return 0
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))  # keep the file's permissions, not mkstemp's 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("%s: dropped %d rows after iteration %d (they are re-run from the checkpoint)", path, dropped, iteration)
+    return dropped
+
+
+def _row_iteration(line: str) -> int | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    value = row.get("iteration") if isinstance(row, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from capvis.data.labels import write_label_file
+from capvis.data.world.fine import FINE_TASKS, fine_labels
 from capvis.data.world.grammar import captions
 from capvis.data.world.render import render
 from capvis.data.world.scene import caption_rng, generate_scene
@@ -52,6 +53,7 @@ def _make_chunk(job: tuple[int, str, int, int, int, int, str]) -> list[dict]:
                             "area": round(obj.area, 2),
                             "segmentation": [outer.clip(0, image_size).round(1).ravel().tolist()]})
         records.append({"image_id": image_id, "file_name": file_name, "objects": objects,
+                        "fine": fine_labels(scene.objects, image_size),
                         "captions": captions(scene, caption_rng(seed, split, index))})
     return records
 
@@ -78,8 +80,10 @@ def _coco_files(records: list[dict], image_size: int, seed: int, split: str) -> 
 
 
 def label_tasks() -> dict[str, list[str]]:
-    """Class names of CaptionWorld's downstream tasks: ``shape`` (8), ``color_shape`` (80), ``count`` (4)."""
-    return {"shape": list(SHAPES), "color_shape": color_shape_classes(), "count": list(COUNT_CLASSES)}
+    """Class names of CaptionWorld's downstream tasks: multi-label ``shape`` (8) and ``color_shape`` (80),
+    single-label ``count`` (4) and the fine-grained single-label tasks of :mod:`capvis.data.world.fine`."""
+    tasks = {"shape": list(SHAPES), "color_shape": color_shape_classes(), "count": list(COUNT_CLASSES)}
+    return {**tasks, **{name: list(task.classes) for name, task in FINE_TASKS.items()}}
 
 
 def _label_entry(record: dict) -> dict:
@@ -87,7 +91,7 @@ def _label_entry(record: dict) -> dict:
     shapes = sorted({SHAPES.index(o["shape"]) for o in objs})
     combos = sorted({COLOR_NAMES.index(o["color"]) * len(SHAPES) + SHAPES.index(o["shape"]) for o in objs})
     return {"image_id": record["image_id"], "file_name": record["file_name"],
-            "labels": {"shape": shapes, "color_shape": combos, "count": [len(objs) - 1]}}
+            "labels": {"shape": shapes, "color_shape": combos, "count": [len(objs) - 1], **record["fine"]}}
 
 
 def _generate(jobs: list[tuple], workers: int, total: int) -> list[dict]:
