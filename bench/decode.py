@@ -7,6 +7,9 @@ By default the steps are forced: [EOS] is banned, so every hypothesis decodes ``
 (random weights would otherwise stop at an arbitrary step); ``--no-force`` lets captions end (and the
 current decoder stop early). Timing covers the whole caption: backbone, cache set-up and every step.
 ``--decoder legacy`` times the decoder this one replaced (kept here only for the comparison).
+``--checkpoint C --images DIR`` decodes the first ``--batch-size`` images of DIR (sorted, the
+checkpoint's eval transform) with trained weights instead, where ``--no-force`` measures early exit;
+the line then carries the captions' token ids, to compare decoders.
 
 Also measured, as the limit beam search can approach: the visual forward alone, the visual keys/values
 (projection and every layer's cross-attention K/V) alone, and one decoder step of batch x beam rows
@@ -100,9 +103,29 @@ def limit_figures(task, images: Tensor, beam: int, steps: int, repeats: int) -> 
             "limit_s": round(visual + kv + steps * step, 3)}
 
 
+def trained(checkpoint: str, folder: str | None, n: int, device: torch.device):
+    """``(task, config, images)``: a trained captioning task and the first ``n`` images of ``folder``."""
+    from pathlib import Path
+
+    from capvis.data.decode import load_image
+    from capvis.data.transforms import build_eval_transform
+    from capvis.loading import load_pretrained
+
+    if not folder:
+        raise SystemExit("--checkpoint needs --images DIR")
+    pre = load_pretrained(checkpoint)
+    size = pre.config.data.image_size
+    transform = build_eval_transform(size)
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n]
+    images = torch.stack([transform(load_image(p)) for p in paths]).to(device)
+    return pre.task.to(device).eval(), pre.config, images
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", default=None, help="model config (random weights), or give --checkpoint")
+    p.add_argument("--checkpoint", default=None, help="trained weights (a run, a checkpoint or a release)")
+    p.add_argument("--images", default=None, help="with --checkpoint: a folder of images to caption")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--beam-size", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=30)
@@ -119,16 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, [f"data.image_size={args.image_size}", "data.vocab=",
-                                    f"data.max_caption_length={max(args.max_steps, 3)}", *args.overrides])
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    task = build_task(cfg, cfg.model.vocab_size).to(device).eval()
+    if args.checkpoint:
+        task, cfg, images = trained(args.checkpoint, args.images, args.batch_size, device)
+        args.image_size = images.shape[-1]
+    else:
+        if not args.config:
+            p.error("give --config (random weights) or --checkpoint")
+        cfg = load_config(args.config, [f"data.image_size={args.image_size}", "data.vocab=",
+                                        f"data.max_caption_length={max(args.max_steps, 3)}", *args.overrides])
+        task = build_task(cfg, cfg.model.vocab_size).to(device).eval()
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     if cfg.train.channels_last and device.type == "cuda":
         task.to(memory_format=torch.channels_last)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     banned = (*BANNED_IDS, EOS_ID) if args.force else BANNED_IDS
     kwargs = {"max_steps": args.max_steps, "banned_ids": banned}
     if args.method == "beam":
@@ -159,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
               "device": args.device, "threads": torch.get_num_threads(), "repeats": args.repeats,
               "seconds": round(seconds, 3), "seconds_per_batch": round(seconds / args.repeats, 3),
               "images_per_s": round(args.batch_size * args.repeats / seconds, 3)}
+    if args.checkpoint:
+        result.update(checkpoint=args.checkpoint, captions=out.tokens)
     if not args.no_limit and args.method == "beam":
         result.update(limit_figures(task, images, args.beam_size, args.max_steps, max(args.repeats, 2)))
         result["batch_over_limit"] = round(result["seconds_per_batch"] / result["limit_s"], 3)

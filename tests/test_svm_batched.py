@@ -76,7 +76,7 @@ def test_folds_are_sklearns_stratified_kfold() -> None:
 @pytest.mark.parametrize("make", [random_data, separable_data])
 @pytest.mark.parametrize(("hessian_dtype", "tol", "atol"), [(torch.float32, 1e-6, 1e-5), (None, 1e-10, 1e-7)])
 def test_solution_equals_linearsvc(make, hessian_dtype, tol, atol) -> None:
-    """The default (float32 Hessian products) and pure float64 solves reach LinearSVC's optimum."""
+    """Pure float64 (default) and float32 Hessian products both reach LinearSVC's optimum."""
     train_x, train_y, _, _ = make()
     x = l2_normalize(train_x).astype(np.float64)
     y = np.where(train_y == 1, 1.0, -1.0)  # (N, K)
