@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank-top", type=int, default=20, help="candidates reranked per query (default 20)")
     parser.add_argument("--max-pairs", type=int, default=50_000,
                         help="largest images x captions scored in full by --scoring auto (default 50000)")
-    parser.add_argument("--image-size", type=int, default=None, help="center crop (default: the model's data.image_size)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="center crop (default: the model's data.image_size)")
     parser.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default: image size)")
     add_runtime_arguments(parser, batch_size=64, workers=0)
 
