@@ -90,14 +90,14 @@ def test_enospc_during_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_sidecar_failure_removes_the_unverifiable_checkpoint(tmp_path, monkeypatch):
     ckpt.atomic_save(_state(1.0), ckpt.checkpoint_path(tmp_path, 1))
-    real = ckpt._atomic_write_bytes
+    real = ckpt.atomic_write_bytes
 
     def sidecar_fails(data, path):
         if path.name.endswith(".sha256"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(data, path)
 
-    monkeypatch.setattr(ckpt, "_atomic_write_bytes", sidecar_fails)
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", sidecar_fails)
     with pytest.raises(CheckpointError, match="checkpoint_00000001.pt is intact"):
         ckpt.atomic_save(_state(2.0), ckpt.checkpoint_path(tmp_path, 2))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint_00000001.pt"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments
+from capvis.eval.common import (add_image_arguments, add_model_arguments, add_probe_arguments,
+                                add_runtime_arguments)
 
 COMMAND = ("eval", "linear")
 HELP = "linear probe on frozen backbone features over ImageFolder train/val folders (top-1/top-5)"
@@ -31,10 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FAST PATH (not the paper protocol): logistic regression on cached center-crop "
                              "features, no augmentation, weight decay chosen on held-out train images")
     parser.add_argument("--cache-dir", default=None, help="feature cache for --cached-features")
-    parser.add_argument("--weight-decays", default=None, metavar="LIST",
-                        help="--cached-features: comma-separated weight decays to sweep (default 1e-6,...,1)")
-    parser.add_argument("--holdout", type=float, default=0.2,
-                        help="--cached-features: share of train images held out to choose the weight decay")
+    add_probe_arguments(parser, scope="--cached-features",
+                        holdout_help="share of train images held out to choose the weight decay")
     add_image_arguments(parser)
     add_runtime_arguments(parser, batch_size=256, workers=4)
 

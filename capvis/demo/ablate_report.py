@@ -135,13 +135,28 @@ def _panels(n: int) -> tuple[Any, np.ndarray]:
     return plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
 
 
+def _finish_panels(fig: Any, axes: np.ndarray, evals: Sequence[tuple[str, str]], xlabel: str, path: Path) -> None:
+    """Titles, axis labels and grids of the panels in use, the spare ones blanked, one legend; saved."""
+    for ax, (task, metric) in zip(axes.flat, evals):
+        ax.set_title(report.TASK_TITLES.get(task, task), fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(METRIC_NAMES.get(metric, metric), fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(evals):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """One panel per eval task: metric against images seen, a line per setting, mean ± std shaded."""
     evals = list(dict.fromkeys((r["eval_task"], r["metric"]) for r in rows))
     settings = list(dict.fromkeys(_setting(r) for r in rows))
     vary_data = len({(s[1], s[2]) for s in settings if s[1] != ""}) > 1
     fig, axes = _panels(len(evals))
-    for ax, (task, metric) in zip(axes.flat, evals):
+    for ax, (task, _) in zip(axes.flat, evals):
         for k, s in enumerate(settings):
             xs, mean, std = _curves(rows, s, task)
             color = f"C{k % 10}"
@@ -152,16 +167,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 continue
             ax.plot(xs, mean, marker="o", ms=3, color=color, label=_label(s, vary_data))
             ax.fill_between(xs, lo, hi, color=color, alpha=0.18)
-        ax.set_title(report.TASK_TITLES.get(task, task), fontsize=9)
-        ax.set_xlabel("images seen", fontsize=8)
-        ax.set_ylabel(METRIC_NAMES.get(metric, metric), fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(evals):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish_panels(fig, axes, evals, "images seen", path)
 
 
 def plot_data_efficiency(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -170,7 +176,7 @@ def plot_data_efficiency(rows: Sequence[dict[str, Any]], path: Path) -> None:
     evals = list(dict.fromkeys((r["eval_task"], r["metric"]) for r in rows))
     lines = list(dict.fromkeys((s[0], s[2]) for s, _ in finals if s[1] != ""))
     fig, axes = _panels(len(evals))
-    for ax, (task, metric) in zip(axes.flat, evals):
+    for ax, (task, _) in zip(axes.flat, evals):
         for k, (name, captions) in enumerate(lines):
             points = sorted((float(s[1]), *_mean_std(v)) for (s, t), v in finals.items()
                             if t == task and s[0] == name and s[2] == captions)
@@ -178,16 +184,7 @@ def plot_data_efficiency(rows: Sequence[dict[str, Any]], path: Path) -> None:
             std = np.nan_to_num(std)
             ax.plot(xs, mean, marker="o", ms=3, color=f"C{k % 10}", label=f"{name}, {captions} cap./image")
             ax.fill_between(xs, mean - std, mean + std, color=f"C{k % 10}", alpha=0.18)
-        ax.set_title(report.TASK_TITLES.get(task, task), fontsize=9)
-        ax.set_xlabel("fraction of the training images", fontsize=8)
-        ax.set_ylabel(METRIC_NAMES.get(metric, metric), fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(evals):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish_panels(fig, axes, evals, "fraction of the training images", path)
 
 
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path) -> None:

@@ -51,11 +51,64 @@ def add_image_arguments(parser: argparse.ArgumentParser, *, default_size: int | 
                         help="shorter side before the crop (default image_size * 256/224: 256 for 224)")
 
 
+def add_label_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """The downstream-label inputs of ``eval svm`` and ``eval labels``: two label files, their images or
+    precomputed features, the tasks to score, the feature stage and cache."""
+    parser.add_argument("--train", required=True, help="train label file (downstream-label format)")
+    parser.add_argument("--test", required=True, help="test label file (same tasks and classes)")
+    parser.add_argument("--images-train", default=None,
+                        help="image folder of --train (default: DIR/<split> for DIR/annotations/labels_<split>.json, "
+                             "else the label file's folder)")
+    parser.add_argument("--images-test", default=None, help="image folder of --test (default as --images-train)")
+    parser.add_argument("--features-train", default=None, help="precomputed features (.npy from capvis features)")
+    parser.add_argument("--features-test", default=None, help="precomputed features of --test")
+    parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                        help="score only these tasks of the label files (default: all)")
+    parser.add_argument("--stage", default="layer4", choices=("layer1", "layer2", "layer3", "layer4"))
+    parser.add_argument("--cache-dir", default=None, help="reuse/write extracted features here")
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser, *, scope: str, holdout_help: str) -> None:
+    """The batched linear probe's sweep and held-out share (``scope`` prefixes the help: where they apply)."""
+    parser.add_argument("--weight-decays", default=None, metavar="LIST",
+                        help=f"{scope}: comma-separated weight decays to sweep (default 1e-6,...,1)")
+    parser.add_argument("--holdout", type=float, default=0.2, help=f"{scope}: {holdout_help}")
+
+
 def load_model(args: argparse.Namespace) -> Pretrained:
     """The pretrained (or random) model named by the model arguments, in eval mode, on the CPU."""
     from capvis.loading import load_pretrained
 
     return load_pretrained(args.checkpoint, config=args.config, overrides=tuple(args.overrides or ()))
+
+
+def label_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[dict], Any, list[dict], Any, str]:
+    """``(tasks, train_entries, train_x, test_entries, test_x, source)`` for the arguments of
+    :func:`add_label_file_arguments`: the label files with either their ``capvis features`` files or the
+    frozen features of ``--checkpoint``; ``source`` is ``"features"`` or the checkpoint."""
+    from capvis.data.labels import read_label_file
+    from capvis.errors import ConfigError
+    from capvis.eval.downstream import check_same_tasks, label_file_features, load_feature_file
+
+    cached = (args.features_train, args.features_test)
+    if any(cached) and not all(cached):
+        raise ConfigError("give both --features-train and --features-test, or neither")
+    if all(cached):
+        tasks, train_entries = read_label_file(args.train)
+        test_tasks, test_entries = read_label_file(args.test)
+        check_same_tasks(tasks, test_tasks)
+        train_x = load_feature_file(args.features_train, train_entries, args.train)
+        test_x = load_feature_file(args.features_test, test_entries, args.test)
+        return tasks, train_entries, train_x, test_entries, test_x, "features"
+    if not args.checkpoint:
+        raise ConfigError("give --checkpoint (or --features-train and --features-test)")
+    model = load_model(args)
+    tasks, train_entries, train_x, test_entries, test_x = label_file_features(
+        model.backbone, args.train, args.test, images_train=args.images_train, images_test=args.images_test,
+        image_size=args.image_size or model.config.data.image_size, resize=args.resize, stage=args.stage,
+        batch_size=args.batch_size, num_workers=args.loader_workers, device=resolve_device(args.device),
+        cache_dir=args.cache_dir, source=model.source)
+    return tasks, train_entries, train_x, test_entries, test_x, model.source
 
 
 def default_images_dir(label_file: str | Path) -> Path:

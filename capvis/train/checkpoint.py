@@ -84,11 +84,13 @@ def collect_state(*, model: torch.nn.Module, optimizer: Any, scheduler: Any, sca
     }
 
 
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
+def atomic_write_bytes(data: bytes, path: Path, *, mode: int | None = None) -> None:
+    """Write ``path`` whole or not at all (temporary file, fsync, rename, directory fsync); ``mode``
+    defaults to what a plain ``open`` would give (0666 less the umask), not mkstemp's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from the rest of a team
+        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)  # 0600 would hide files from a team
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -114,11 +116,11 @@ def atomic_save(state: dict[str, Any], path: str | Path) -> Path:
     torch.save(state, buffer)
     data = buffer.getvalue()
     try:
-        _atomic_write_bytes(data, path)
+        atomic_write_bytes(data, path)
     except OSError as exc:
         raise _write_error(path, exc) from None
     try:
-        _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), _sidecar(path))
+        atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), _sidecar(path))
     except OSError as exc:  # an unverifiable checkpoint is not kept: all or nothing
         path.unlink(missing_ok=True)
         raise _write_error(path, exc) from None

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from capvis.train.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +99,9 @@ def truncate_metrics(path: Path, iteration: int) -> int:
     dropped = len([line for line in lines if line.strip()]) - len(keep)
     if not dropped:
         return 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))  # keep the file's permissions, not mkstemp's 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = "".join(line if line.endswith("\n") else line + "\n" for line in keep)
+    # keep the file's permissions; the same all-or-nothing write as checkpoints
+    atomic_write_bytes(text.encode("utf-8"), path, mode=stat.S_IMODE(path.stat().st_mode))
     log.info("%s: dropped %d rows after iteration %d (they are re-run from the checkpoint)", path, dropped, iteration)
     return dropped
 
