@@ -3,6 +3,7 @@
     python bench/dataloader.py --data ANNOTATIONS_OR_SHARDS --workers 2 --image-size 224 \
         [--batch-size 64] [--batches 20] [--vocab VOCAB.model] [--no-draft]
     python bench/dataloader.py --synthesize /tmp/bench_coco --count 500   # COCO-like 640x480 JPEGs
+    python bench/dataloader.py --synthetic 256 --workers 8                # both: a temporary set, then the bench
 
 ``--data`` is an annotation file (COCO captions JSON, JSONL, CSV: the map-style folder loader) or a
 shard pattern (``DIR/shard-{000000..000004}.tar``: the streaming loader). The loaders are built as
@@ -99,12 +100,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-draft", action="store_true", help="shards: always decode JPEGs at full size")
     p.add_argument("--synthesize", metavar="DIR", help="write a COCO-like synthetic set to DIR and exit")
     p.add_argument("--count", type=int, default=500, help="images for --synthesize")
+    p.add_argument("--synthetic", type=int, metavar="N", help="bench N synthesized images in a temporary folder")
     args = p.parse_args(argv)
     if args.synthesize:
         print(synthesize(Path(args.synthesize), args.count))
         return 0
+    if args.synthetic:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.data = str(synthesize(Path(tmp), args.synthetic))
+            return bench(args)
     if not args.data:
         p.error("--data is required")
+    return bench(args)
+
+
+def bench(args: argparse.Namespace) -> int:
     if args.vocab:
         tokenizer = Tokenizer(args.vocab)
     else:

@@ -102,6 +102,7 @@ class ModelConfig:
     visual_width: int = 64  # base width of the ResNet (64: torchvision's; narrower is faster)
     zero_init_residual: bool = True
     visual_norm: str = "batch"  # batch | group | frozen
+    activation_checkpointing: bool = False  # recompute backbone stages and textual layers in backward
     vocab_size: int = 10000  # used only when data.vocab is not given
     num_categories: int = 80  # multilabel_classification
     textual: TextualConfig = field(default_factory=TextualConfig)
@@ -137,6 +138,10 @@ class TrainConfig:
     val_batches: int = 50  # cap on validation batches (0: whole val set)
     keep_checkpoints: int = 5
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    accumulate: int = 1  # micro-batches per optimizer step; batch_size stays the global batch of a step
+    compile: bool = False  # torch.compile the task (eager, with one warning, where the backend is missing)
+    compile_backend: str = "inductor"  # torch.compile backend (inductor | aot_eager | eager | ...)
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard; sharded checkpoints) for multi-process runs
 
 
 @dataclass(frozen=True)
@@ -296,13 +301,15 @@ CHOICES = {
     "train.schedule": ("cosine", "linear", "none"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.strategy": ("ddp", "fsdp"),
 }
 
 
 def validate(cfg: Config) -> Config:
     """Reject impossible combinations and fill in derived values."""
     flat = {"train.optimizer": cfg.train.optimizer, "train.schedule": cfg.train.schedule,
-            "train.precision": cfg.train.precision, "train.device": cfg.train.device}
+            "train.precision": cfg.train.precision, "train.device": cfg.train.device,
+            "train.strategy": cfg.train.strategy}
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {flat[key]!r}")
@@ -318,7 +325,7 @@ def validate(cfg: Config) -> Config:
     positive = {"data.image_size": cfg.data.image_size, "data.max_caption_length": cfg.data.max_caption_length,
                 "train.batch_size": cfg.train.batch_size, "train.iterations": cfg.train.iterations,
                 "train.log_every": cfg.train.log_every, "train.checkpoint_every": cfg.train.checkpoint_every,
-                "model.textual.layers": t.layers}
+                "model.textual.layers": t.layers, "train.accumulate": cfg.train.accumulate}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")

@@ -58,3 +58,18 @@ def test_two_gloo_processes_match_one_process(tmp_path, coco_tokenizer_path):
     wb = ckpt.load_checkpoint(double / "checkpoints" / "checkpoint_00000003.pt")["model"]
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_stop_flag_is_agreed_every_n_steps_not_every_step(monkeypatch):
+    """Under DDP the stop flag's all-reduce (a host sync) runs every ``every`` steps only."""
+    import torch.distributed as dist
+
+    from capvis.train.distributed import DistInfo
+    from capvis.train.signals import StopRequest
+
+    reduced = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: reduced.append(float(t)))
+    stop = StopRequest(DistInfo(rank=0, world_size=2), every=3)
+    stop.request()
+    assert [stop.requested() for _ in range(6)] == [False, False, True, False, False, True]
+    assert reduced == [1.0, 1.0]

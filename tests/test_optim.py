@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from capvis.config import TrainConfig
-from capvis.train.optim import Lookahead, build_optimizer, inner_optimizer
+from capvis.train.optim import Lookahead, build_optimizer, inner_optimizer, is_fused, step_unless
 from capvis.train.schedule import build_scheduler, lr_multiplier
 
 
@@ -83,3 +83,62 @@ def test_scheduler_drives_two_peak_lrs():
     assert lrs[6] == pytest.approx([0.1, 5e-4])  # half-way through the cosine
     assert isinstance(opt, Lookahead) and opt.k == 5 and opt.alpha == 0.5
     assert inner_optimizer(opt).defaults["momentum"] == 0.9
+
+
+# -- fused steps that skip on the device ------------------------------------------------------
+
+def _fused_pieces(optimizer: str = "sgd", k: int = 2, lookahead: bool = True):
+    cfg = TrainConfig(iterations=10, warmup=0, lr_backbone=0.1, lr_textual=0.1, optimizer=optimizer, lookahead_k=k,
+                      lookahead=lookahead)
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6))
+    return p, build_optimizer([{"params": [p], "lr": 0.1}], cfg)
+
+
+def _grad_step(opt, p, skip: bool) -> None:
+    p.grad = torch.full_like(p, float("nan")) if skip else p.detach().clone()
+    step_unless(opt, torch.tensor(skip))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_build_optimizer_uses_the_fused_kernel_on_cpu(optimizer):
+    _, opt = _fused_pieces(optimizer)
+    assert is_fused(opt) and all(g["fused"] for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_skipped_first_step_leaves_no_trace(optimizer):
+    """torch's fused SGD leaves its momentum uninitialised when its first step is skipped; capvis
+    starts it at zero, so a run whose first step is skipped continues as if it had begun one step later."""
+    p, opt = _fused_pieces(optimizer, lookahead=False)
+    start = p.detach().clone()
+    junk = torch.full_like(p, 1e30)  # freed memory the allocator hands out again to uninitialised buffers
+    del junk
+    _grad_step(opt, p, skip=True)
+    assert torch.equal(p.detach(), start)
+    q, ref = _fused_pieces(optimizer, lookahead=False)
+    for _ in range(3):
+        _grad_step(opt, p, skip=False)
+        _grad_step(ref, q, skip=False)
+    assert torch.equal(p.detach(), q.detach())
+
+
+def test_lookahead_masked_sync_skips_on_the_device_and_matches_unmasked():
+    p, opt = _fused_pieces("sgd", k=2)
+    q, ref = _fused_pieces("sgd", k=2)
+    _grad_step(opt, p, skip=False)
+    _grad_step(ref, q, skip=False)
+    before, slow = p.detach().clone(), opt.slow[0].clone()
+    _grad_step(opt, p, skip=True)  # step 2 of k=2 is a sync step: skipped, neither weight moves
+    assert torch.equal(p.detach(), before) and torch.equal(opt.slow[0], slow)
+    assert opt.step_count == 2
+    q.grad = q.detach().clone()
+    ref.step()  # the plain, unmasked path: a real sync
+    _grad_step(opt, p, skip=False)
+    _grad_step(opt, p, skip=False)  # masked path, sync at step 4
+    r, again = _fused_pieces("sgd", k=2)
+    for _ in range(2):
+        r.grad = r.detach().clone()
+        again.step()
+    assert torch.equal(q.detach(), r.detach())  # masked (weight 1) and unmasked syncs agree bit for bit
+    assert torch.equal(again.slow[0], r.detach())

@@ -13,6 +13,7 @@ from torchvision import models as tvm
 from torchvision.ops import FrozenBatchNorm2d
 
 from capvis.errors import ConfigError
+from capvis.models.checkpointing import checkpointed, wants_checkpoint
 from capvis.registry import Registry
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2"
 class VisualBackbone(nn.Module):
     """A torchvision ResNet whose forward stops after ``layer4`` (avgpool and fc unused)."""
 
+    activation_checkpointing: bool = False  # recompute each stage in backward (model.activation_checkpointing)
+
     def __init__(self, cnn: tvm.ResNet, *, name: str = "") -> None:
         super().__init__()
         self.name = name
@@ -38,6 +41,10 @@ class VisualBackbone(nn.Module):
         """``images`` (B, 3, S, S) -> grid (B, C, S/32, S/32); (B, 2048, 7, 7) for R-50 at 224."""
         c = self.cnn
         x = c.maxpool(c.relu(c.bn1(c.conv1(images))))
+        if wants_checkpoint(self):
+            for stage in (c.layer1, c.layer2, c.layer3, c.layer4):
+                x = checkpointed(stage, x)
+            return x
         return c.layer4(c.layer3(c.layer2(c.layer1(x))))
 
     def pooled(self, images: Tensor) -> Tensor:

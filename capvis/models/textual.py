@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from capvis.data.tokenizer import MASK_ID
 from capvis.models.attention import LayerCache, MultiheadAttention, TransformerDecoderLayer
+from capvis.models.checkpointing import checkpointed, wants_checkpoint
 
 
 class WordAndPositionalEmbedding(nn.Module):
@@ -78,6 +79,8 @@ class DecodeCache:
 
 class TextualHead(nn.Module):
     """Caption decoder of VirTex (paper Section 3, "Textual Head")."""
+
+    activation_checkpointing: bool = False  # recompute each layer in backward (model.activation_checkpointing)
 
     def __init__(self, *, visual_features: int, vocab_size: int, hidden: int = 2048, layers: int = 1,
                  heads: int = 0, feedforward: int = 0, dropout: float = 0.1, norm_first: bool = False,
@@ -139,8 +142,9 @@ class TextualHead(nn.Module):
         mask = (causal & keep[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
         x = self.embedding(tokens)
         weights = None
+        run = checkpointed if wants_checkpoint(self) else (lambda block, *a, **k: block(*a, **k))
         for layer in self.transformer.layers:
-            x, weights = layer(x, memory, attn_mask=mask, need_weights=return_attention)
+            x, weights = run(layer, x, memory, attn_mask=mask, need_weights=return_attention)
         logits = self._logits(x)
         return (logits, weights) if return_attention else logits
 

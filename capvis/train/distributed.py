@@ -6,11 +6,14 @@ through torchrun's usual ``--nnodes`` / ``--rdzv-endpoint`` flags, which only se
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from capvis.errors import ConfigError
 
@@ -68,3 +71,23 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def skip_grad_sync(model: nn.Module, skip: bool) -> Iterator[None]:
+    """While ``skip``, backward passes accumulate local gradients without the all-reduce (DDP's
+    ``no_sync``) or reduce-scatter (FSDP2's ``set_requires_gradient_sync(False)``); a single-process
+    model has nothing to skip. Works through a ``torch.compile`` wrapper (it forwards attributes)."""
+    if not skip:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield

@@ -11,6 +11,13 @@ with a CapvisError after saving the last good state. A *periodic* checkpoint tha
 intact); a checkpoint that cannot be written at the end, on a stop request or after bad steps is an
 error, since the run would otherwise end with its latest work unsaved.
 
+Scale: ``train.accumulate`` micro-batches per step (``capvis.train.step``), ``train.strategy`` ddp|fsdp
+(``capvis.train.fsdp``: how the task is spread and checkpointed), ``train.compile`` (the task through
+``torch.compile``; checkpoints hold the uncompiled task's keys) and ``model.activation_checkpointing``.
+The loop reads device values back only at the log cadence: skipped steps are counted, warned about
+and checked against ``train.max_bad_steps`` there (with ``train.log_every=1``, at every step), and the
+ranks agree on a stop request there too.
+
 Shard streams: the checkpoint also records the stream's split (processes, loader workers, batch,
 shards; :func:`capvis.data.streaming.stream_split`), and a resume under another split is refused at
 start-up in one line, since it would silently read different data. The workers' bad-sample counts
@@ -28,19 +35,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from capvis.config import Config, dump_config
 from capvis.data.robust import BadSampleTally, unwrap_worker_error
 from capvis.data.shards import is_shard_pattern
 from capvis.data.streaming import ShardStream, check_resume_split, stream_split
 from capvis.errors import CapvisError, CheckpointError, ConfigError, DataError
+from capvis.models.checkpointing import set_activation_checkpointing
 from capvis.tasks import build_task
 from capvis.train import checkpoint as ckpt
 from capvis.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from capvis.train.fsdp import build_strategy
 from capvis.train.metrics import MetricsSink
 from capvis.train.optim import build_optimizer, inner_optimizer
-from capvis.train.precision import Precision, resolve_precision, use_channels_last
+from capvis.train.precision import Precision, compile_model, resolve_precision, use_channels_last
 from capvis.train.schedule import build_scheduler
 from capvis.train.signals import StopRequest
 from capvis.train.step import train_step
@@ -83,6 +91,10 @@ def preflight(cfg: Config, resume: str | None) -> None:
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} processes "
                           "(WORLD_SIZE)")
+    if (cfg.train.batch_size // world) % cfg.train.accumulate:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} over {world} processes gives "
+                          f"{cfg.train.batch_size // world} per process, not divisible into "
+                          f"train.accumulate={cfg.train.accumulate} micro-batches")
     if cfg.data.vocab and not Path(cfg.data.vocab).is_file():
         raise DataError(f"vocabulary not found: {cfg.data.vocab} (build one with `capvis vocab`)")
     for key in ("train", "val"):
@@ -115,9 +127,14 @@ class Trainer:
         vocab_size = self.tokenizer.vocab_size if self.tokenizer is not None else cfg.model.vocab_size
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task = self.prepare_task(build_task(cfg, vocab_size)).to(self.device)
+        if cfg.model.activation_checkpointing and not set_activation_checkpointing(self.task, True):
+            log.warning("model.activation_checkpointing: task %s has no backbone or textual head that supports it",
+                        cfg.model.task)
         self.channels_last = use_channels_last(cfg.train.channels_last, self.device)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
+        self.strategy = build_strategy(cfg.train.strategy, self.info)
+        self.strategy.prepare(self.task)  # FSDP shards the parameters before the optimizer sees them
         self.optimizer = build_optimizer(self.task.param_groups(cfg.train), cfg.train)
         self.scheduler = build_scheduler(inner_optimizer(self.optimizer), cfg.train)
         self.precision: Precision = resolve_precision(cfg.train.precision, self.device)
@@ -128,8 +145,9 @@ class Trainer:
         resumed = resolve_resume(resume, self.output)
         if resumed is not None:
             self._restore(*resumed)
-        self.model = (DistributedDataParallel(self.task, device_ids=[self.device] if self.device.type == "cuda"
-                                              else None) if self.info.enabled else self.task)
+        self.model = self.strategy.wrap(self.task)  # self.task stays the plain module that checkpoints save
+        if cfg.train.compile:
+            self.model = compile_model(self.model, backend=cfg.train.compile_backend, device=self.device)
         self.train_loader = build_train_loader(cfg, self.tokenizer, self.info, start_iteration=self.start)
         self.split = self._stream_split(resumed[0] if resumed is not None else None)
         self.tally = BadSampleTally((self._resumed_data or {}).get("data_counts"))
@@ -143,8 +161,7 @@ class Trainer:
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         try:
-            self.task.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.strategy.restore(task=self.task, optimizer=self.optimizer, path=path, state=state)
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError) as exc:
@@ -187,15 +204,20 @@ class Trainer:
             return None
 
     def save(self, iteration: int) -> Path | None:
-        path = None
-        extra = {"data_stream": self.split, "data_counts": self.data_totals()} if self.split is not None else None
-        if self.info.is_main:
+        extra = {"data_stream": self.split, "data_counts": self.data_totals()} if self.split is not None else {}
+        directory = self.output / "checkpoints"
+
+        def write(parts: dict[str, Any]) -> Path:  # rank 0; the strategy says what model/optimizer state is
             state = ckpt.collect_state(
-                model=self.task, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                iteration=iteration, config=self.cfg.to_dict(),
-                vocab=self.tokenizer.model_bytes if self.tokenizer is not None else None, extra=extra)
-            path = ckpt.atomic_save(state, ckpt.checkpoint_path(self.output / "checkpoints", iteration))
-            ckpt.prune_checkpoints(self.output / "checkpoints", self.cfg.train.keep_checkpoints)
+                model=_Given(parts.pop("model")), optimizer=_Given(parts.pop("optimizer")), scheduler=self.scheduler,
+                scaler=self.scaler, iteration=iteration, config=self.cfg.to_dict(),
+                vocab=self.tokenizer.model_bytes if self.tokenizer is not None else None, extra={**extra, **parts})
+            written = ckpt.atomic_save(state, ckpt.checkpoint_path(directory, iteration))
+            ckpt.prune_checkpoints(directory, self.cfg.train.keep_checkpoints)
+            return written
+
+        path = self.strategy.save(task=self.task, optimizer=self.optimizer, keep=self.cfg.train.keep_checkpoints,
+                                  path=ckpt.checkpoint_path(directory, iteration), write=write)
         barrier(self.info)
         self.saved_at = (iteration, path)
         return path
@@ -241,31 +263,27 @@ class Trainer:
         self.task.train()
         batches = self._batches()
         bad_steps, last, stopped = 0, None, False
+        pending: list[tuple[int, torch.Tensor]] = []  # (iteration, bad flag on the device), not yet read
         window_start, window_images = time.perf_counter(), 0
         iteration = self.start
         try:
-            with StopRequest(self.info) as stop:
+            with StopRequest(self.info, every=t.log_every) as stop:
                 while iteration < t.iterations:
                     batch = next(batches)
                     # dropout & co. draw from a stream that is a function of (seed, rank, iteration):
                     # exact resume on any number of ranks, without per-rank RNG files
                     torch.manual_seed(step_seed(t.seed, self.info.rank, iteration))
                     result = train_step(self.model, batch, self.optimizer, self.scheduler, self.scaler,
-                                        self.precision, clip_grad_norm=t.clip_grad_norm)
+                                        self.precision, clip_grad_norm=t.clip_grad_norm, accumulate=t.accumulate,
+                                        distributed=self.info.enabled)
                     iteration += 1
                     window_images += batch["image"].shape[0] * self.info.world_size
                     # under fp16 an overflowing gradient is the scaler's business; only a NaN/inf loss is bad
-                    bad = not (result.loss_finite if self.precision.uses_scaler else result.finite)
-                    bad_steps = bad_steps + 1 if bad else 0
-                    if bad:
-                        log.warning("iteration %d: non-finite loss or gradient, update skipped (%d in a row, "
-                                    "limit train.max_bad_steps=%d)", iteration, bad_steps, t.max_bad_steps)
-                        if bad_steps >= t.max_bad_steps:
-                            path = self.ensure_saved(iteration)
-                            raise CapvisError(
-                                f"loss was non-finite for {bad_steps} consecutive steps (iteration {iteration}); "
-                                f"last good weights saved to {path}; lower the learning rate or use fp32")
+                    pending.append((iteration, result.loss_nonfinite if self.precision.uses_scaler else result.skipped))
                     sink.advance()
+                    ending = iteration == t.iterations or (until is not None and iteration >= until)
+                    if ending or iteration % t.log_every == 0 or iteration % t.checkpoint_every == 0:
+                        bad_steps = self._read_bad_steps(pending, bad_steps, iteration)
                     if iteration % t.log_every == 0 or iteration == t.iterations:
                         elapsed = time.perf_counter() - window_start
                         last = self._log(sink, iteration, result, window_images / max(elapsed, 1e-9))
@@ -280,6 +298,7 @@ class Trainer:
                         self.ensure_saved(iteration)
                         break
                     if stop.requested() and iteration < t.iterations:
+                        bad_steps = self._read_bad_steps(pending, bad_steps, iteration)
                         path = self.ensure_saved(iteration)  # a failed periodic save is retried here
                         log.warning("%s received: stopped early at iteration %d of %d, checkpoint %s; "
                                     "continue with --resume auto", stop.signal_name, iteration, t.iterations, path)
@@ -290,6 +309,27 @@ class Trainer:
             sink.close()
         return {"iteration": iteration, "last": last, "output": str(self.output), "stopped_early": stopped,
                 **({"data": data} if data is not None else {})}
+
+    def _read_bad_steps(self, pending: list[tuple[int, torch.Tensor]], bad_steps: int, iteration: int) -> int:
+        """Read the skipped-step flags since the last call (one host sync), warn about each, and stop the
+        run once ``train.max_bad_steps`` came in a row; returns the current run of bad steps."""
+        if not pending:
+            return bad_steps
+        flags = torch.stack([flag for _, flag in pending]).tolist()
+        steps = [it for it, _ in pending]
+        pending.clear()
+        limit = self.cfg.train.max_bad_steps
+        for step, bad in zip(steps, flags):
+            bad_steps = bad_steps + 1 if bad else 0
+            if not bad:
+                continue
+            log.warning("iteration %d: non-finite loss or gradient, update skipped (%d in a row, limit "
+                        "train.max_bad_steps=%d)", step, bad_steps, limit)
+            if bad_steps >= limit:
+                path = self.ensure_saved(iteration)
+                raise CapvisError(f"loss was non-finite for {bad_steps} consecutive steps (iteration {step}); "
+                                  f"last good weights saved to {path}; lower the learning rate or use fp32")
+        return bad_steps
 
     def _report_data(self, sink: MetricsSink, iteration: int) -> dict[str, int] | None:
         """A stream's bad-sample totals at the end of the run: a log line and a ``data/...`` metrics row."""
@@ -308,12 +348,23 @@ class Trainer:
         # losses are averaged over ranks (each rank saw a slice of the global batch)
         names = ["loss", *result.logs]
         stacked = all_reduce_mean(torch.stack([result.loss.float(), *[v.float() for v in result.logs.values()]]),
-                                  self.info).tolist()
+                                  self.info)
+        stacked = torch.cat([stacked, result.grad_norm.float().reshape(1).to(stacked.device)]).tolist()  # one sync
         values = {"loss": stacked[0], "lr": float(max(lrs)), "images_per_s": images_per_s,
-                  "grad_norm": float(result.grad_norm.item())}
-        values.update(dict(zip(names[1:], stacked[1:])))
+                  "grad_norm": stacked[-1]}
+        values.update(dict(zip(names[1:], stacked[1:-1])))
         sink.log(iteration, values)
         return values
+
+
+class _Given:
+    """A state dict already in hand, for :func:`capvis.train.checkpoint.collect_state`."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def state_dict(self) -> Any:
+        return self.state
 
 
 def pretrain(cfg: Config, output: str | Path, *, resume: str | None = None, progress: bool = True) -> dict[str, Any]:

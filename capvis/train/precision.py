@@ -1,12 +1,17 @@
-"""One switch for numerics: ``train.precision`` -> autocast dtype and whether a grad scaler runs."""
+"""One switch for numerics: ``train.precision`` -> autocast dtype and whether a grad scaler runs; and
+the switches of how the step's kernels run (channels_last, ``train.compile``)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,3 +51,22 @@ def use_channels_last(requested: bool, device: torch.device) -> bool:
     3x slower (BatchNorm and the optimizer's foreach kernels on non-contiguous weights), so it is
     applied on CUDA only."""
     return requested and device.type == "cuda"
+
+
+def compile_model(model: nn.Module, *, backend: str = "inductor", device: torch.device) -> nn.Module:
+    """``torch.compile(model)``, or ``model`` itself with one warning line when ``backend`` cannot run here
+    (unknown name, no C++ compiler for inductor on CPU, no Triton on GPU): a tiny function is compiled
+    and run first, since torch compiles lazily and would otherwise fail inside the first step.
+
+    The compiled wrapper is for running only: callers keep the plain module for state dicts, so
+    checkpoints never hold ``_orig_mod.`` keys and load without compile.
+    """
+    try:
+        probe = torch.compile(lambda x: torch.relu(x) * 2 + 1, backend=backend, fullgraph=True)
+        probe(torch.ones(8, device=device))
+    except Exception as exc:  # noqa: BLE001 - any backend failure means: run eagerly
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        log.warning("train.compile: backend %r is unavailable on %s (%s: %s); training runs eagerly",
+                    backend, device.type, type(exc).__name__, reason)
+        return model
+    return torch.compile(model, backend=backend)

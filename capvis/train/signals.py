@@ -5,8 +5,10 @@ The first signal only sets a flag; the loop finishes its step, writes a checkpoi
 is restored and the signal re-delivered (SIGINT raises KeyboardInterrupt, SIGTERM kills), losing at
 most the iterations since the last checkpoint, as SIGKILL does.
 
-Under DDP the ranks agree (an all-reduce of the flag each step), so every rank stops at the same
-iteration and no collective is left waiting.
+Under DDP/FSDP the ranks agree through an all-reduce of the flag every ``every`` calls (the loop
+passes ``train.log_every``), not every step: that collective reads a value back to the host, which
+stalls a GPU pipeline. Every rank counts the same calls, so all stop at the same iteration and no
+collective is left waiting; a stop waits at most ``every`` steps.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from capvis.train.distributed import DistInfo
 class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, info: DistInfo) -> None:
-        self.info = info
+    def __init__(self, info: DistInfo, *, every: int = 1) -> None:
+        if every < 1:
+            raise ValueError(f"StopRequest needs every >= 1, got {every}")
+        self.info, self.every = info, every
+        self._calls = 0
         self._flag = False
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
@@ -57,8 +62,13 @@ class StopRequest:
         self._flag = True
 
     def requested(self) -> bool:
+        """Once per step. Single process: the flag. Distributed: the ranks' agreed flag every ``every``
+        calls (False in between, so a rank's own signal cannot make it leave alone)."""
         if not self.info.enabled:
             return self._flag
+        self._calls += 1
+        if self._calls % self.every:
+            return False
         flag = torch.tensor([1.0 if self._flag else 0.0], device=self.info.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
