@@ -102,6 +102,7 @@ class ModelConfig:
     visual_width: int = 64  # base width of the ResNet (64: torchvision's; narrower is faster)
     zero_init_residual: bool = True
     visual_norm: str = "batch"  # batch | group | frozen
+    pool: str = "avg"  # pooled features for frozen evaluations: avg (grid / patch-token mean) | token (a ViT's class token)
     activation_checkpointing: bool = False  # recompute backbone stages and textual layers in backward
     vocab_size: int = 10000  # used only when data.vocab is not given
     num_categories: int = 80  # multilabel_classification

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from capvis.config import Config, apply_overrides, config_from_dict, load_config
-from capvis.data.tokenizer import Tokenizer
+from capvis.data.tokenizer import Tokenizer, tokenizer_of_config, vocab_size_of
 from capvis.errors import CheckpointError, ConfigError
+from capvis.release import build_loaded_task, is_release, read_release, save_release
 from capvis.tasks import build_task
 from capvis.tasks.base import PretextTask
 
@@ -39,22 +40,16 @@ def load_pretrained(checkpoint: str | Path, *, config: str | Path | None = None,
                     map_location: str | torch.device = "cpu", seed: int = 0) -> Pretrained:
     """A task rebuilt from ``checkpoint`` (a release, a training checkpoint, or a run directory, whose
     newest valid checkpoint is used), or ``"random"`` with ``config`` for the random-init baseline."""
-    from capvis.train import checkpoint as ckpt
+    from capvis import storage as ckpt
 
     if str(checkpoint) == "random":
         if config is None:
             raise ConfigError("--checkpoint random needs --config FILE to define the model")
         cfg = load_config(config, overrides)
-        vocab_size = cfg.model.vocab_size
-        tokenizer = None
-        if cfg.data.vocab and Path(cfg.data.vocab).is_file():
-            tokenizer = Tokenizer(cfg.data.vocab)
-            vocab_size = tokenizer.vocab_size
+        tokenizer = tokenizer_of_config(cfg)
         torch.manual_seed(seed)
-        return Pretrained(build_task(cfg, vocab_size).eval(), cfg, tokenizer, "random")
+        return Pretrained(build_task(cfg, vocab_size_of(tokenizer, cfg)).eval(), cfg, tokenizer, "random")
     path = Path(checkpoint)
-    from capvis.release import build_loaded_task, is_release, read_release
-
     if is_release(path):  # safetensors + config.json + vocab.model, a directory or an archive
         release = read_release(path)
         cfg = apply_overrides(release.config, overrides) if overrides else release.config
@@ -73,10 +68,17 @@ def load_pretrained(checkpoint: str | Path, *, config: str | Path | None = None,
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     tokenizer = Tokenizer.from_bytes(state["vocab"]) if state.get("vocab") else None
-    vocab_size = tokenizer.vocab_size if tokenizer is not None else cfg.model.vocab_size
+    vocab_size = vocab_size_of(tokenizer, cfg)
     task = build_task(cfg, vocab_size)
     try:
         task.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(exc).splitlines()[0]})") from None
     return Pretrained(task.eval(), cfg, tokenizer, str(path), int(state.get("iteration", 0)))
+
+
+def release_from_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
+    """A training checkpoint (or run directory) -> release at ``output``."""
+    pre = load_pretrained(checkpoint)
+    return save_release(pre.task, pre.config, pre.tokenizer, output, iteration=pre.iteration,
+                        source=Path(pre.source).name)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import capvis
 from capvis.config import Config, config_from_dict
-from capvis.data.tokenizer import Tokenizer
+from capvis.data.tokenizer import Tokenizer, vocab_size_of
 from capvis.errors import CheckpointError
 
 FORMAT = "capvis-release"
@@ -104,7 +104,7 @@ def save_release(task: nn.Module, cfg: Config, tokenizer: Tokenizer | None, outp
                  vocab_size: int | None = None, iteration: int = 0, source: str = "") -> Path:
     """Write ``task`` as a release directory, or an archive when ``output`` ends in .tar/.tar.gz/.tgz/.zip."""
     if vocab_size is None:
-        vocab_size = tokenizer.vocab_size if tokenizer is not None else cfg.model.vocab_size
+        vocab_size = vocab_size_of(tokenizer, cfg)
     files = release_files(task, cfg, tokenizer, vocab_size=vocab_size, iteration=iteration, source=source)
     output = Path(output)
     if is_archive_name(output):
@@ -121,15 +121,6 @@ def save_release(task: nn.Module, cfg: Config, tokenizer: Tokenizer | None, outp
         elif (output / name).is_file():
             (output / name).unlink()
     return output
-
-
-def release_from_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
-    """A training checkpoint (or run directory) -> release at ``output``."""
-    from capvis.loading import load_pretrained
-
-    pre = load_pretrained(checkpoint)
-    return save_release(pre.task, pre.config, pre.tokenizer, output, iteration=pre.iteration,
-                        source=Path(pre.source).name)
 
 
 def is_archive_name(path: str | Path) -> bool:
@@ -286,11 +277,11 @@ def build_loaded_task(cfg: Config, vocab_size: int, state: dict[str, Tensor], *,
 
 
 def build_loaded_backbone(cfg: Config, state: dict[str, Tensor], *, where: str = "") -> nn.Module:
-    """The ``VisualBackbone`` of ``cfg`` from a task state dict's ``visual.*`` tensors, in eval mode."""
-    from capvis.models.backbones import build_visual
+    """The ``Backbone`` of ``cfg`` from a task state dict's ``visual.*`` tensors, in eval mode."""
+    from capvis.models.backbones import build_visual_for
 
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    return _build_loaded(lambda: build_visual(cfg.model), visual, where)
+    return _build_loaded(lambda: build_visual_for(cfg), visual, where)
 
 
 def _build_loaded(build: Any, state: dict[str, Tensor], where: str) -> nn.Module:

@@ -34,7 +34,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> dict:
 
 def _world(factory: pytest.TempPathFactory) -> Path:
     if "world" not in _CACHE:
-        from capvis.data.world import write_world
+        from capvis.world import write_world
 
         root = factory.mktemp("world")
         write_world(root, WORLD_SPLITS, seed=0, image_size=64, workers=1)

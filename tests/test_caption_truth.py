@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from capvis.data.world.export import write_world
+from capvis.world.export import write_world
 from capvis.demo.caption_truth import caption_truth, mentions, world_objects
 
 

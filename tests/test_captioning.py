@@ -23,7 +23,7 @@ def make_tiny_run(root: Path, iterations: int = 20, *extra: str) -> dict[str, Pa
     from capvis.config import load_config
     from capvis.data.annotations import read_caption_texts
     from capvis.data.tokenizer import train_tokenizer
-    from capvis.data.world import write_world
+    from capvis.world import write_world
     from capvis.train.loop import Trainer
 
     world = root / "world"

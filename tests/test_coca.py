@@ -93,7 +93,7 @@ def test_both_losses_fall_on_captionworld(tmp_path) -> None:
     the contrastive one below ln(16), the loss of matching at chance."""
     from capvis.data.annotations import read_caption_texts
     from capvis.data.tokenizer import train_tokenizer
-    from capvis.data.world import write_world
+    from capvis.world import write_world
     from capvis.train.loop import Trainer, read_metrics
 
     world = tmp_path / "world"

@@ -16,7 +16,8 @@ from test_distributed import SAME_LENGTH, free_port, pretrain_args
 
 from capvis.config import load_config
 from capvis.errors import CheckpointError
-from capvis.release import read_release, release_from_checkpoint
+from capvis.loading import release_from_checkpoint
+from capvis.release import read_release
 from capvis.train import checkpoint as ckpt
 from capvis.train.fsdp import shard_path
 from capvis.train.loop import Trainer, read_metrics

@@ -15,7 +15,7 @@ from capvis.config import load_config
 from capvis.data.tokenizer import Tokenizer
 from capvis.errors import CheckpointError, ConfigError
 from capvis.models.backbones import VisualBackbone
-from capvis.release import release_from_checkpoint
+from capvis.loading import release_from_checkpoint
 from capvis.tasks import build_task
 from capvis.train.checkpoint import atomic_save, checkpoint_path
 

@@ -229,7 +229,7 @@ def test_multilabel_batches_carry_instance_categories(tmp_path) -> None:
     from capvis.data.datasets import collate_captions
     from capvis.data.pipeline import build_caption_dataset
     from capvis.data.tokenizer import train_tokenizer
-    from capvis.data.world import SHAPES, write_world
+    from capvis.world import SHAPES, write_world
 
     write_world(tmp_path, {"train": 6}, seed=0, image_size=32, workers=1)
     ann = tmp_path / "annotations"
@@ -239,7 +239,8 @@ def test_multilabel_batches_carry_instance_categories(tmp_path) -> None:
                    "model.num_categories=80", "data.image_size=32")
     from capvis.data.tokenizer import Tokenizer
 
-    dataset = build_caption_dataset(cfg, "train", Tokenizer(vocab))
+    keys = TASKS.get("multilabel_classification").batch_keys  # the task declares it, the trainer passes it on
+    dataset = build_caption_dataset(cfg, "train", Tokenizer(vocab), batch_keys=keys)
     batch = collate_captions([dataset[i] for i in range(6)])
     labels = json.loads((ann / "labels_train.json").read_text())["images"]
     expected = torch.zeros(6, len(SHAPES))
@@ -249,10 +250,12 @@ def test_multilabel_batches_carry_instance_categories(tmp_path) -> None:
     task = build_task(cfg, Tokenizer(vocab).vocab_size)
     assert torch.isfinite(task(batch).loss)  # 8 categories in the data, 80 outputs
     caption_cfg = tiny_cfg("bicaptioning", f"data.train={ann / 'captions_train.json'}", "data.image_size=32")
-    assert "categories" not in build_caption_dataset(caption_cfg, "train", Tokenizer(vocab))[0]
+    caption_keys = TASKS.get("bicaptioning").batch_keys
+    assert "categories" not in caption_keys
+    assert "categories" not in build_caption_dataset(caption_cfg, "train", Tokenizer(vocab), batch_keys=caption_keys)[0]
     with pytest.raises(ConfigError, match="num_categories"):
         build_caption_dataset(tiny_cfg("multilabel_classification", f"data.train={ann / 'captions_train.json'}",
-                                       "model.num_categories=4"), "train", Tokenizer(vocab))
+                                       "model.num_categories=4"), "train", Tokenizer(vocab), batch_keys=keys)
 
 
 @pytest.mark.parametrize("name", NEW_TASKS)

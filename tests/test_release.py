@@ -101,6 +101,6 @@ def test_corrupt_or_unsafe_outputs_are_refused(tmp_path, coco_tokenizer_path):
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="not empty"):
-        from capvis.release import release_from_checkpoint
+        from capvis.loading import release_from_checkpoint
 
         release_from_checkpoint(tmp_path / "ckpt.pt", busy)

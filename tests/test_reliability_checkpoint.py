@@ -19,7 +19,8 @@ from conftest import write_coco
 from capvis.cli import main
 from capvis.config import load_config
 from capvis.errors import CheckpointError
-from capvis.train import checkpoint as ckpt
+from capvis import storage as ckpt  # atomic writes and checked loads (capvis.train.checkpoint re-exports them)
+from capvis.train import checkpoint as train_checkpoint  # what the training loop calls
 from capvis.train.loop import Trainer, read_metrics
 
 TINY = ["model.backbone=resnet18", "model.small_stem=true", "data.image_size=16", "model.textual.hidden=64",
@@ -163,7 +164,7 @@ def test_loop_survives_failed_periodic_save_but_not_final(tmp_path, coco_fixture
             raise ckpt._write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
         return real(state, path)
 
-    monkeypatch.setattr(ckpt, "atomic_save", flaky)
+    monkeypatch.setattr(train_checkpoint, "atomic_save", flaky)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError) as info:
         Trainer(cfg, out, progress=False).run()

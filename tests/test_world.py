@@ -12,11 +12,11 @@ import pytest
 
 from capvis.cli import main
 from capvis.data.labels import label_matrix, read_label_file, write_label_file
-from capvis.data.world import (SHAPES, Scene, caption_rng, captions, flip_scene, generate_scene, relations,
+from capvis.world import (SHAPES, Scene, caption_rng, captions, flip_scene, generate_scene, relations,
                                render, write_world)
-from capvis.data.world.fine import LARGEST_RATIO
-from capvis.data.world.grammar import RELATION_MARGIN
-from capvis.data.world.vocab import COLORS, NUMBER_WORDS, SHAPE_WORDS, SIZE_WORDS, plural
+from capvis.world.fine import LARGEST_RATIO
+from capvis.world.grammar import RELATION_MARGIN
+from capvis.world.vocab import COLORS, NUMBER_WORDS, SHAPE_WORDS, SIZE_WORDS, plural
 from capvis.errors import DataError
 
 SCENES = 300

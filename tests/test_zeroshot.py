@@ -47,7 +47,7 @@ def test_class_embeddings_average_templates(coco_tokenizer_path) -> None:
     ("auto", "token_classification", "which is neither"),
 ])
 def test_zeroshot_rejects_models_without_the_method(tmp_path, capsys, method, task_name, message) -> None:
-    from capvis.data.world import write_world
+    from capvis.world import write_world
 
     write_world(tmp_path / "world", {"test": 4}, seed=0, image_size=32, workers=1)
     code = main(["eval", "zeroshot", "--checkpoint", "random", "--config", "bicaptioning_R_50_L1_H2048",
@@ -125,7 +125,7 @@ def test_contrastive_on_captionworld_beats_chance(tmp_path, capsys) -> None:
     before shapes; 400 steps gave 0.40 with seed 0 but 0.20 with seed 1."""
     from capvis.data.annotations import read_caption_texts
     from capvis.data.tokenizer import train_tokenizer
-    from capvis.data.world import write_world
+    from capvis.world import write_world
     from capvis.train.loop import Trainer
 
     world = tmp_path / "world"
@@ -160,7 +160,7 @@ def test_bicaptioning_on_captionworld_beats_chance_by_likelihood(tmp_path, capsy
     0.485 vs 0.278 (seed 0) and 0.49 vs 0.267 (seed 1), more than 20 points above chance."""
     from capvis.data.annotations import read_caption_texts
     from capvis.data.tokenizer import train_tokenizer
-    from capvis.data.world import write_world
+    from capvis.world import write_world
     from capvis.train.loop import Trainer
 
     world = tmp_path / "world"

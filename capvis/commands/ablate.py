@@ -7,15 +7,17 @@ import argparse
 
 COMMAND = ("ablate",)
 HELP = ("pretrain each pretext task (x seeds x data fractions) on the same budget; score every labels task of "
-        "the data at 1/4, 1/2 and all of the budget")
+        "the data at 1/4, 1/2 and all of the budget, plus zero-shot and retrieval where the task can")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", default="bicaptioning,captioning,token_classification,multilabel_classification,"
-                        "masked_lm,contrastive,random_init",
-                        help="comma-separated task names and random_init; an entry may add config overrides "
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated task names, aliases (siglip = contrastive with "
+                             "model.contrastive.loss=siglip) and random_init; an entry may add config overrides "
                              "after colons, e.g. bicaptioning:parallel_fraction=0.75 or "
-                             "bicaptioning:model.textual.hidden=512 (bare keys name a unique config field)")
+                             "bicaptioning:model.textual.hidden=512 (bare keys name a unique config field). "
+                             "Default: bicaptioning,captioning,token_classification,multilabel_classification,"
+                             "masked_lm,contrastive,random_init; --budget default adds coca,siglip")
     parser.add_argument("--budget", default="small", help="small | default | tiny (tiny: seconds, for tests)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--data", default=None, help="a CaptionWorld-like directory (default: generate one)")
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from capvis.demo.ablate import parse_captions, parse_fractions, parse_tasks, run_ablation
 
     captions = parse_captions(args.captions_per_image) if args.captions_per_image else None
-    rows = run_ablation(parse_tasks(args.tasks), budget=args.budget, output=args.output, data=args.data,
+    tasks = parse_tasks(args.tasks) if args.tasks is not None else None  # None: the budget's default list
+    rows = run_ablation(tasks, budget=args.budget, output=args.output, data=args.data,
                         seeds=args.seeds, seed=args.seed, config=args.config,
                         fractions=parse_fractions(args.fractions), captions_per_image=captions)
     print((Path(args.output) / "ablation.md").read_text())

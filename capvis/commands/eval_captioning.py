@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.commands.caption import add_decoding_arguments, decode_settings, resolve_device
+from capvis.eval.common import add_decoding_arguments, decode_settings, resolve_device
 
 COMMAND = ("eval", "captioning")
 HELP = "caption a COCO-format caption set and report CIDEr-D, BLEU-4 (and SPICE when available)"
@@ -33,11 +33,11 @@ def run(args: argparse.Namespace) -> int:
     from capvis.errors import ConfigError
     from capvis.eval.captioning import evaluate_captioning
     from capvis.loading import load_pretrained
+    from capvis.tasks.protocols import Captioner, require
 
     settings = decode_settings(args)
     pre = load_pretrained(args.checkpoint, config=args.config, overrides=tuple(args.overrides))
-    if not hasattr(pre.task, "init_decoding"):
-        raise ConfigError(f"{args.checkpoint} holds a {pre.config.model.task!r} model, which cannot caption")
+    require(pre.task, Captioner, doing="capvis eval captioning", source=args.checkpoint)
     if pre.tokenizer is None:
         raise ConfigError("no vocabulary: a random model needs data.vocab=FILE.model")
     result = evaluate_captioning(pre.task, pre.tokenizer, args.annotations, images_dir=args.images,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.eval.common import (add_image_arguments, add_model_arguments, add_probe_arguments,
+from capvis.eval.common import (add_image_arguments, add_model_arguments, add_probe_arguments, add_stage_argument,
                                 add_runtime_arguments)
 
 COMMAND = ("eval", "linear")
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.3, help="initial LR, cosine-decayed to 0 (default 0.3)")
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--stage", default="layer4", choices=("layer1", "layer2", "layer3", "layer4"))
+    add_stage_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cached-features", action="store_true",
                         help="FAST PATH (not the paper protocol): logistic regression on cached center-crop "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments
+from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments, add_stage_argument
 
 COMMAND = ("eval", "voc07")
 HELP = "VOC2007 classification mAP with per-class linear SVMs on frozen features (paper A.1)"
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voc-root", required=True, help="VOCdevkit/VOC2007 (or the VOCdevkit folder above it)")
     parser.add_argument("--train-split", default="trainval", help="split to train the SVMs on (default trainval)")
     parser.add_argument("--test-split", default="test", help="split to report mAP on (default test)")
-    parser.add_argument("--stage", default="layer4", choices=("layer1", "layer2", "layer3", "layer4"))
+    add_stage_argument(parser)
     parser.add_argument("--cache-dir", default=None, help="reuse/write extracted features here")
     parser.add_argument("--workers", type=int, default=None,
                         help="liblinear solver: processes training SVM classes in parallel (default: all cores)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments
+from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments, add_stage_argument
 
 COMMAND = ("features",)
 HELP = "extract pooled backbone features of a folder or label file into a .npy file"
@@ -27,8 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image folder of --labels (default: DIR/<split> for DIR/annotations/labels_<split>.json, "
                              "else the label file's folder)")
     parser.add_argument("--output", required=True, help="output .npy file (a .json sidecar is written beside it)")
-    parser.add_argument("--stage", default="layer4", choices=("layer1", "layer2", "layer3", "layer4"),
-                        help="ResNet stage to pool (default layer4)")
+    add_stage_argument(parser)
     add_image_arguments(parser)
     add_runtime_arguments(parser, batch_size=128, workers=4)
 

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--clip-grad-norm", type=float, default=0.0,
+                        help="clip the gradient norm at this value (default 0: off, the paper's protocol)")
     parser.add_argument("--seed", type=int, default=0)
     add_image_arguments(parser)
     add_runtime_arguments(parser, batch_size=256, workers=4)
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         model.backbone, args.train, args.val, image_size=args.image_size or model.config.data.image_size,
         resize=args.resize, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, momentum=args.momentum,
         weight_decay=args.weight_decay, num_workers=args.loader_workers, device=resolve_device(args.device),
-        seed=args.seed, precision=args.precision)
+        seed=args.seed, precision=args.precision, clip_grad_norm=args.clip_grad_norm)
     out = save_finetuned(net, args.output, metrics=result, config=model.config.to_dict(), source=model.source)
     result.pop("class_names")
     print(f"finetune classify: top-1 {result['top1']:.2f}, top-5 {result['top5']:.2f}; weights -> {out}")

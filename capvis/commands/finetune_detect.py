@@ -50,17 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from capvis import __version__
+    from capvis.errors import ConfigError
     from capvis.eval.common import check_positive, load_model, print_final_json, resolve_device
     from capvis.eval.detection import finetune_detect
-    from capvis.train.checkpoint import atomic_save
+    from capvis.storage import atomic_save
 
     check_positive(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, test_size=args.test_size,
                    max_size=args.max_size, min_size=min(args.min_size), rois_per_image=args.rois_per_image,
                    detections_per_image=args.detections_per_image)
     model = load_model(args)
     cfg = model.config.model
+    cnn = model.backbone.torchvision_resnet()
+    if cnn is None:
+        raise ConfigError(f"finetune detect builds torchvision Faster/Mask R-CNN on ResNets; backbone {cfg.backbone!r} "
+                          "is not a torchvision ResNet")
     detector, result = finetune_detect(
-        cfg.backbone, model.backbone.cnn.state_dict(), args.train, args.val, images_train=args.images_train,
+        cfg.backbone, cnn.state_dict(), args.train, args.val, images_train=args.images_train,
         images_val=args.images_val, arch=args.arch, norm=args.norm, small_stem=cfg.small_stem,
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         min_size=tuple(args.min_size), test_size=args.test_size, max_size=args.max_size,

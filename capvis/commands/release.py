@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from capvis.release import release_from_checkpoint
+    from capvis.loading import release_from_checkpoint
 
     out = release_from_checkpoint(args.checkpoint, args.output)
     print(f"release: wrote {out}")

@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from capvis.eval.score import score_captions
     from capvis.hub import load
     from capvis.release import is_release
+    from capvis.tasks.protocols import CaptionLikelihoodModel, require
 
     check_positive(batch_size=args.batch_size, image_size=args.image_size)
     if is_release(args.checkpoint):
@@ -36,12 +37,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         pre = load_model(args)
         task, cfg, tokenizer = pre.task, pre.config, pre.tokenizer
+    require(task, CaptionLikelihoodModel, doing="capvis score", source=args.checkpoint)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint} carries no vocabulary; scoring needs the tokenizer")
     records = read_records(args.annotations, args.images)
     result = score_captions(task, tokenizer, records, image_size=args.image_size or cfg.data.image_size,
                             max_caption_length=cfg.data.max_caption_length, batch_size=args.batch_size,
                             num_workers=args.loader_workers, device=resolve_device(args.device),
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, source=args.checkpoint)
     print(json.dumps(result))
     return 0

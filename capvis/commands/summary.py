@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -40,14 +39,13 @@ def summarize(cfg: Any) -> dict[str, Any]:
 
 
 def resolve_vocab_size(cfg: Any) -> int:
-    if cfg.data.vocab:
-        if Path(cfg.data.vocab).is_file():
-            from capvis.data.tokenizer import Tokenizer
+    from capvis.data.tokenizer import tokenizer_of_config, vocab_size_of
 
-            return Tokenizer(cfg.data.vocab).vocab_size
+    tokenizer = tokenizer_of_config(cfg)
+    if cfg.data.vocab and tokenizer is None:
         log.warning("data.vocab %s does not exist; using model.vocab_size=%d", cfg.data.vocab,
                     cfg.model.vocab_size)
-    return cfg.model.vocab_size
+    return vocab_size_of(tokenizer, cfg)
 
 
 def run(args: argparse.Namespace) -> int:

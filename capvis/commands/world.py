@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from capvis.data.world import write_world
+    from capvis.world import write_world
     from capvis.errors import ConfigError
 
     if args.image_size < MIN_IMAGE_SIZE:

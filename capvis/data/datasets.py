@@ -59,6 +59,33 @@ def subset_fraction(records: Sequence[ImageRecord], fraction: float, seed: int) 
     return [records[i] for i in keep]
 
 
+def choose_caption(captions: Sequence[str], *, seed: int, epoch: int, index: int, one_per_image: bool,
+                   generator: torch.Generator) -> str:
+    """The caption of sample ``index`` in ``epoch``: seeded per visit; with ``one_per_image``, per image
+    only (the same in every epoch). Shared by the map-style datasets and the shard stream."""
+    if one_per_image:
+        return captions[random.Random(sample_seed(seed, -1, index)).randrange(len(captions))]
+    return captions[int(torch.randint(len(captions), (), generator=generator))]
+
+
+def assemble_sample(image: Any, caption: str, *, transform: Callable, generator: torch.Generator,
+                    tokenizer: Tokenizer, max_caption_length: int, image_id: int, culprit: str) -> dict[str, Any]:
+    """Decoded image + chosen caption -> ``{"image", "caption_tokens", "image_id"}``, the one sample
+    assembly of map-style datasets and the shard stream: the augmentation seeded from ``generator``
+    (a :class:`PairTransform` sees the caption too), tokens [SOS] .. [EOS] truncated to the maximum.
+    A caption of unknown pieces only is a BadSampleError naming ``culprit``."""
+    if isinstance(transform, PairTransform):
+        image, caption = transform(image, caption, generator)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+            image = transform(image)
+    ids = [SOS_ID, *tokenizer.encode(caption), EOS_ID][:max_caption_length]
+    if not tokenizer.decode(ids).strip():  # only <unk> and word-boundary pieces
+        raise BadSampleError(f"{culprit}: caption {_short(caption)!r} encodes to no known word")
+    return {"image": image, "caption_tokens": torch.tensor(ids, dtype=torch.long), "image_id": image_id}
+
+
 class CaptionDataset(Dataset):
     """One item per image: a (seeded) random caption of it, augmented jointly with the image.
 
@@ -120,7 +147,8 @@ class CaptionDataset(Dataset):
         """The sample of image ``i`` in ``epoch``; BadSampleError if its image or caption is unusable."""
         record = self.records[i]
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
-        raw = record.captions[self.caption_index(record, epoch, i, generator)]
+        raw = choose_caption(record.captions, seed=self.seed, epoch=epoch, index=i,
+                             one_per_image=self.one_caption_per_image, generator=generator)
         caption = normalize_caption(raw)
         if not caption:
             raise BadSampleError(f"{record.path}: caption {_short(raw)!r} is empty")
@@ -131,30 +159,12 @@ class CaptionDataset(Dataset):
         except BadSampleError as exc:
             self._bad_images[i] = str(exc)
             raise
-        if isinstance(self.transform, PairTransform):
-            image, caption = self.transform(image, caption, generator)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-                image = self.transform(image)
-        tokens = self.tokens(caption)
-        if not self.tokenizer.decode(tokens.tolist()).strip():  # only <unk> and word-boundary pieces
-            raise BadSampleError(f"{record.path}: caption {_short(raw)!r} encodes to no known word")
-        sample: dict[str, Any] = {"image": image, "caption_tokens": tokens, "image_id": record.image_id}
+        sample = assemble_sample(image, caption, transform=self.transform, generator=generator,
+                                 tokenizer=self.tokenizer, max_caption_length=self.max_caption_length,
+                                 image_id=record.image_id, culprit=str(record.path))
         if self.num_categories and record.categories is not None:
             sample["categories"] = self.multi_hot(record.categories, record.path)
         return sample
-
-    def caption_index(self, record: ImageRecord, epoch: int, i: int, generator: torch.Generator) -> int:
-        """Seeded per visit; with ``one_caption_per_image``, seeded per image only (same in every epoch)."""
-        n = len(record.captions)
-        if self.one_caption_per_image:
-            return random.Random(sample_seed(self.seed, -1, i)).randrange(n)
-        return int(torch.randint(n, (), generator=generator))
-
-    def tokens(self, caption: str) -> Tensor:
-        ids = [SOS_ID, *self.tokenizer.encode(caption), EOS_ID][: self.max_caption_length]
-        return torch.tensor(ids, dtype=torch.long)
 
     def multi_hot(self, categories: Sequence[int], path: Path) -> Tensor:
         target = torch.zeros(int(self.num_categories or 0), dtype=torch.float32)

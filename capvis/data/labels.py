@@ -21,7 +21,7 @@ features. One JSON file per split::
 
 CaptionWorld writes ``labels_<split>.json`` with tasks ``shape``, ``color_shape`` (multi-label), ``count``
 and the fine-grained ``leftmost_color``, ``topmost_shape``, ``largest_color_shape`` (single-label,
-:mod:`capvis.data.world.fine`).
+:mod:`capvis.world.fine`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ Like DistributedSampler, each rank takes a disjoint slice of every epoch's permu
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -49,13 +48,6 @@ class ResumableShardedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_rank - self.start % self.per_rank if not self.infinite else 2**62
-
-
-@dataclass(frozen=True)
-class LoaderSpec:
-    local_batch: int
-    rank: int = 0
-    world_size: int = 1
 
 
 def local_batch_size(cfg: Config, world_size: int) -> int:

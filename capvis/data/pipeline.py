@@ -19,7 +19,7 @@ from capvis.data.shards import expand_pattern, is_shard_pattern
 from capvis.data.tokenizer import Tokenizer
 from capvis.data.transforms import build_eval_transform, build_train_transform
 from capvis.errors import ConfigError, DataError
-from capvis.train.distributed import DistInfo
+from capvis.distinfo import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,13 @@ def _require_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
     return tokenizer
 
 
-def build_caption_dataset(cfg: Config, split: str, tokenizer: Tokenizer) -> CaptionDataset:
+CAPTION_KEYS = frozenset({"image", "caption_tokens", "caption_lengths", "image_id"})  # what every batch holds
+CATEGORY_KEY = "categories"  # (B, K) instance categories from instances_<split>.json, for tasks that ask
+
+
+def build_caption_dataset(cfg: Config, split: str, tokenizer: Tokenizer, *,
+                          batch_keys: frozenset[str] = CAPTION_KEYS) -> CaptionDataset:
+    """The map-style dataset of ``data.<split>``; ``batch_keys`` are the keys the task declares it reads."""
     d = cfg.data
     annotations = d.train if split == "train" else d.val
     images = d.train_images if split == "train" else d.val_images
@@ -49,7 +55,7 @@ def build_caption_dataset(cfg: Config, split: str, tokenizer: Tokenizer) -> Capt
     records = read_records(annotations, images or None, max_bad_fraction=d.max_bad_fraction)
     if split == "train" and d.fraction < 1.0:
         records = subset_fraction(records, d.fraction, cfg.train.seed)
-    num_categories = attach_task_categories(cfg, annotations, records)
+    num_categories = attach_task_categories(cfg, annotations, records) if CATEGORY_KEY in batch_keys else None
     transform = build_train_transform(d) if split == "train" else build_eval_transform(d.image_size)
     return CaptionDataset(records, tokenizer, transform, d.max_caption_length, cfg.train.seed,
                           one_caption_per_image=d.one_caption_per_image, num_categories=num_categories,
@@ -76,7 +82,7 @@ def build_shard_stream(cfg: Config, split: str, tokenizer: Tokenizer, info: Dist
 
 
 def build_train_loader(cfg: Config, tokenizer: Tokenizer | None, info: DistInfo, *,
-                       start_iteration: int = 0) -> DataLoader:
+                       start_iteration: int = 0, batch_keys: frozenset[str] = CAPTION_KEYS) -> DataLoader:
     """An endless loader; its stream restarts exactly at ``start_iteration``."""
     batch = local_batch_size(cfg, info.world_size)
     if is_shard_pattern(cfg.data.train):
@@ -87,7 +93,7 @@ def build_train_loader(cfg: Config, tokenizer: Tokenizer | None, info: DistInfo,
                  batch)
         return make_stream_loader(stream, batch_size=batch, num_workers=cfg.data.num_workers,
                                   collate=collate_stream, pin_memory=info.device.type == "cuda")
-    dataset = build_caption_dataset(cfg, "train", _require_tokenizer(tokenizer))
+    dataset = build_caption_dataset(cfg, "train", _require_tokenizer(tokenizer), batch_keys=batch_keys)
     sampler = ResumableShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size,
                                       seed=cfg.train.seed, start=start_iteration * batch)
     log.info("train: %d images, %d per process and step", len(dataset), batch)
@@ -95,7 +101,8 @@ def build_train_loader(cfg: Config, tokenizer: Tokenizer | None, info: DistInfo,
                        collate=collate_captions, pin_memory=info.device.type == "cuda")
 
 
-def build_val_loader(cfg: Config, tokenizer: Tokenizer | None, info: DistInfo) -> DataLoader | None:
+def build_val_loader(cfg: Config, tokenizer: Tokenizer | None, info: DistInfo, *,
+                     batch_keys: frozenset[str] = CAPTION_KEYS) -> DataLoader | None:
     if not cfg.data.val:
         return None
     batch = local_batch_size(cfg, info.world_size)
@@ -103,7 +110,7 @@ def build_val_loader(cfg: Config, tokenizer: Tokenizer | None, info: DistInfo) -
         stream = build_shard_stream(cfg, "val", _require_tokenizer(tokenizer), info)
         return make_stream_loader(stream, batch_size=batch, num_workers=min(cfg.data.num_workers, 2),
                                   collate=collate_captions, persistent=False)
-    dataset = build_caption_dataset(cfg, "val", _require_tokenizer(tokenizer))
+    dataset = build_caption_dataset(cfg, "val", _require_tokenizer(tokenizer), batch_keys=batch_keys)
     sampler = ResumableShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size,
                                       seed=cfg.train.seed, shuffle=False, infinite=False)
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=min(cfg.data.num_workers, 2),
@@ -111,14 +118,11 @@ def build_val_loader(cfg: Config, tokenizer: Tokenizer | None, info: DistInfo) -
 
 
 def attach_task_categories(cfg: Config, annotation_file: str, records: list) -> int | None:
-    """For a task that declares ``needs_categories`` (multilabel_classification): set the records'
-    instance categories from ``instances_<split>.json`` beside the captions file and return their
-    number K (the batch then carries ``categories``); None for every other task."""
+    """Set the records' instance categories from ``instances_<split>.json`` beside the captions file and
+    return their number K (the batch then carries ``categories``): for a task whose ``batch_keys``
+    include :data:`CATEGORY_KEY` (multilabel_classification)."""
     from capvis.data.annotations import attach_categories, instances_file_for
-    from capvis.tasks import TASKS
 
-    if not getattr(TASKS.get(cfg.model.task), "needs_categories", False):
-        return None
     _, names = attach_categories(records, instances_file_for(annotation_file))
     if len(names) > cfg.model.num_categories:
         raise ConfigError(f"{instances_file_for(annotation_file)} has {len(names)} categories, more than "

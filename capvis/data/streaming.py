@@ -59,11 +59,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from capvis.data.datasets import collate_captions, sample_seed
+from capvis.data.datasets import assemble_sample, choose_caption, collate_captions, sample_seed
 from capvis.data.decode import checked_size, decode_image, decode_with_pil
 from capvis.data.robust import BadSampleBudget
 from capvis.data.shards import IMAGE_EXTENSIONS, TarSample, iter_tar_samples, shard_counts
-from capvis.data.tokenizer import EOS_ID, SOS_ID, Tokenizer, normalize_caption
+from capvis.data.tokenizer import Tokenizer, normalize_caption
 from capvis.data.transforms import PairTransform, TrainTransform
 from capvis.errors import ConfigError, DataError
 
@@ -261,21 +261,15 @@ class ShardStream(IterableDataset):
             raise DataError("no caption")
         number = key_number(key)
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, number))
-        if self.one_caption_per_image:
-            caption = captions[random.Random(sample_seed(self.seed, -1, number)).randrange(len(captions))]
-        else:
-            caption = captions[int(torch.randint(len(captions), (), generator=generator))]
+        caption = choose_caption(captions, seed=self.seed, epoch=epoch, index=number,
+                                 one_per_image=self.one_caption_per_image, generator=generator)
         ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         if ext is None:
             raise DataError(f"no image member (has {sorted(members)})")
         image = self._image(members[ext], f"{key}.{ext}", generator)
-        if isinstance(self.transform, PairTransform):
-            image, caption = self.transform(image, caption, generator)
-        else:
-            image = self.transform(image)
-        ids = [SOS_ID, *self.tokenizer.encode(caption), EOS_ID][: self.max_caption_length]
-        return {"image": image, "caption_tokens": torch.tensor(ids, dtype=torch.long),
-                "image_id": image_id if image_id is not None else number}
+        return assemble_sample(image, caption, transform=self.transform, generator=generator,
+                               tokenizer=self.tokenizer, max_caption_length=self.max_caption_length,
+                               image_id=image_id if image_id is not None else number, culprit=f"{key}.{ext}")
 
     def _image(self, data: bytes, name: str, generator: torch.Generator) -> Tensor:
         if self.draft and data and name.endswith((".jpg", ".jpeg")) and isinstance(self.transform, TrainTransform):
@@ -337,16 +331,6 @@ def decode_draft(data: bytes, transform: TrainTransform, generator: torch.Genera
     if scale == 1:  # at 1/2, PIL's reduced decode is no faster than torchvision's full one (measured)
         return None
     return decode_with_pil(data, name, scale=scale)
-
-
-def draft_fraction(width: int, height: int, transform: TrainTransform, trials: int = 2000, seed: int = 0) -> float:
-    """Share of random crops of a ``width`` x ``height`` image that decode_draft would decode reduced."""
-    g = torch.Generator().manual_seed(seed)
-    hits = 0
-    for _ in range(trials):
-        _, _, h, w = transform.crop_params(height, width, g)
-        hits += min(h, w) >= 4 * transform.size
-    return hits / trials
 
 
 def collate_stream(samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:

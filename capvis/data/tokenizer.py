@@ -157,3 +157,14 @@ def _train(corpus: list[str], prefix: Path, vocab_size: int) -> None:
         num_threads=max(1, min(16, os.cpu_count() or 1)),
         minloglevel=2,
     )
+
+
+def vocab_size_of(tokenizer: "Tokenizer | None", cfg: Any) -> int:
+    """The model's vocabulary size: the tokenizer's when there is one, else ``model.vocab_size``
+    (the one rule every builder follows: training, loading, releases, ``capvis summary``)."""
+    return tokenizer.vocab_size if tokenizer is not None else int(cfg.model.vocab_size)
+
+
+def tokenizer_of_config(cfg: Any) -> "Tokenizer | None":
+    """``data.vocab``'s tokenizer when that file exists (a random model or a summary may have none)."""
+    return Tokenizer(cfg.data.vocab) if cfg.data.vocab and Path(cfg.data.vocab).is_file() else None

@@ -11,7 +11,13 @@ linear probe top-1), trained on ``val`` and tested on ``test``; pretraining neve
 A task entry may carry config overrides after colons, ``task:key=value[:key=value...]``, e.g.
 ``bicaptioning:model.textual.hidden=512``; a bare key (``bicaptioning:dropout=0``) names the one
 config field of that name anywhere in the config (ambiguous or unknown names are an error). The
-entry, as written, is the row's ``task``. Outputs are written by :mod:`capvis.demo.ablate_report`.
+entry, as written, is the row's ``task``. A name may also be an alias of :data:`ALIASES`, a task with
+fixed overrides that has no task class of its own: ``siglip`` is ``contrastive`` with
+``model.contrastive.loss=siglip`` (options after it apply on top). Outputs are written by
+:mod:`capvis.demo.ablate_report`.
+
+Runs whose task embeds images and text or scores captions also get zero-shot and retrieval columns
+(:mod:`capvis.demo.ablate_family`), on their final checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from capvis.config import Config, apply_overrides
+from capvis.demo.ablate_family import FAMILY_KEY, family_scores, with_family
 from capvis.demo.ablate_report import write_outputs
 from capvis.demo.stages import DemoSizes, demo_config, load_tokenizer, make_vocab, make_world, random_task
 from capvis.errors import CheckpointError, ConfigError
@@ -38,6 +45,11 @@ log = logging.getLogger(__name__)
 RANDOM = "random_init"
 DEFAULT_TASKS = ("bicaptioning", "captioning", "token_classification", "multilabel_classification", "masked_lm",
                  "contrastive", RANDOM)
+# the rest of the image-text family: in the default list of the largest budget only (each costs about
+# as much as bicaptioning, coca a little more), selectable with --tasks at any budget
+FAMILY_TASKS = ("coca", "siglip")
+# named task variants without a task class of their own: name -> (registered task, fixed overrides)
+ALIASES: dict[str, tuple[str, dict[str, str]]] = {"siglip": ("contrastive", {"model.contrastive.loss": "siglip"})}
 POINTS = (0.25, 0.5, 1.0)  # evaluated shares of each run's iterations
 
 BUDGETS: dict[str, DemoSizes] = {
@@ -52,6 +64,12 @@ BUDGETS: dict[str, DemoSizes] = {
                       overrides=("train.batch_size=8", "model.textual.hidden=64", "model.visual_width=16",
                                  "data.image_size=32", "train.warmup=1", "train.log_every=2", "data.num_workers=0")),
 }
+
+
+def default_tasks(budget: str) -> tuple[str, ...]:
+    """The ``--tasks`` of a budget when none are given: :data:`DEFAULT_TASKS`, plus coca and siglip at the
+    largest budget (``default``)."""
+    return (*DEFAULT_TASKS[:-1], *FAMILY_TASKS, RANDOM) if budget == "default" else DEFAULT_TASKS
 
 
 @dataclass(frozen=True)
@@ -121,17 +139,19 @@ def parse_task(entry: str) -> TaskSpec:
     """``"bicaptioning:dropout=0:train.lr_textual=0.002"`` -> TaskSpec (overrides as dotted key=value)."""
     name, *options = entry.split(":")
     name = name.strip()
-    if name != RANDOM and name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; known: {', '.join([*TASKS.names(), RANDOM])}")
-    overrides = []
+    task, fixed = ALIASES.get(name, (name, {}))
+    if task != RANDOM and task not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; known: {', '.join([*TASKS.names(), RANDOM])}; "
+                          f"aliases: {', '.join(ALIASES)}")
+    overrides = [f"{key}={value}" for key, value in fixed.items()]
     for option in options:
         key, eq, value = option.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"task option {option!r} of {entry!r} is not key=value")
         overrides.append(f"{resolve_key(key.strip())}={value.strip()}")
-    if name == RANDOM and any(o.startswith(("train.", "data.")) for o in overrides):
+    if task == RANDOM and any(o.startswith(("train.", "data.")) for o in overrides):
         raise ConfigError(f"{entry!r}: random_init trains nothing; only model.* options apply")
-    return TaskSpec(entry.strip(), name, tuple(overrides))
+    return TaskSpec(entry.strip(), task, tuple(overrides))
 
 
 def parse_tasks(text: str) -> list[TaskSpec]:
@@ -244,41 +264,64 @@ def _trained_rows(cfg: Config, run_dir: Path, world: Path) -> list[dict[str, Any
     return rows
 
 
+def _final_family(cfg: Config, run_dir: Path, world: Path) -> dict[str, Any]:
+    """Zero-shot and retrieval scores of the run's final checkpoint (kept after pruning); {} if its task has
+    neither capability."""
+    from capvis.loading import load_pretrained
+    from capvis.train import checkpoint as ckpt
+
+    path = ckpt.checkpoint_path(run_dir / "checkpoints", cfg.train.iterations)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing, so its zero-shot and retrieval scores cannot be computed; "
+                              f"delete {run_dir} to rerun it")
+    model = load_pretrained(path)
+    return family_scores(model.task, model.tokenizer, world, image_size=cfg.data.image_size,
+                         max_len=cfg.data.max_caption_length)
+
+
 def _run_rows(run: RunSpec, cfg: Config, out: Path, world: Path, vocab: Path) -> list[dict[str, Any]]:
-    """Scores of one run, from ``scores.json`` when an earlier ablation in ``out`` finished it."""
+    """Scores of one run, from ``scores.json`` when an earlier ablation in ``out`` finished it (its zero-shot
+    and retrieval scores too, unless :data:`~capvis.demo.ablate_family.FAMILY_KEY` changed since: those are
+    then recomputed from the kept final checkpoint, without pretraining again)."""
     run_dir = out / "runs" / run.name
     cache = run_dir / "scores.json"
     key = {"config": cfg.to_dict(), "points": checkpoint_plan(cfg.train.iterations)[1]}
+    rows, family = None, None
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("key") == json.loads(json.dumps(key)):
             log.info("ablation %s: scores from %s", run.name, cache)
-            return saved["rows"]
-    if run.spec.task == RANDOM:
+            rows = saved["rows"]
+            family = saved.get("family") if saved.get("family_key") == FAMILY_KEY else None
+    if rows is None and run.spec.task == RANDOM:
         began = time.perf_counter()
         scores = score_backbone(random_task(cfg, load_tokenizer(vocab).vocab_size).visual, world, cfg.data.image_size)
         meta = {"iteration": 0, "images_seen": 0, "seconds": 0.0, "eval_seconds": round(time.perf_counter() - began, 1)}
         rows = [{**meta, **s} for s in scores]
-    else:
+    elif rows is None:
         rows = _trained_rows(cfg, run_dir, world)
+    if family is None:  # random init is no pretrained model: its text side never learnt anything to score
+        family = {} if run.spec.task == RANDOM else _final_family(cfg, run_dir, world)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "rows": rows}, default=float))
+    cache.write_text(json.dumps({"key": key, "rows": rows, "family_key": FAMILY_KEY, "family": family},
+                                default=float))
     if (run_dir / "checkpoints").is_dir():
         from capvis.train import checkpoint as ckpt
 
         ckpt.prune_checkpoints(run_dir / "checkpoints", 1)  # scored and recorded: keep the final one only
-    return rows
+    return with_family(rows, family, cfg.train.iterations)
 
 
-def run_ablation(tasks: Sequence[TaskSpec | str], *, budget: str, output: str | Path, data: str | Path | None = None,
+def run_ablation(tasks: Sequence[TaskSpec | str] | None, *, budget: str, output: str | Path, data: str | Path | None = None,
                  seeds: int = 1, seed: int = 0, config: str = "demo", fractions: Sequence[float] = (1.0,),
                  captions_per_image: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Pretrain and score the whole grid; returns the CSV rows (also written, after every run)."""
+    """Pretrain and score the whole grid (``tasks`` None: the budget's :func:`default_tasks`); returns the CSV
+    rows (also written, after every run)."""
     if budget not in BUDGETS:
         raise ConfigError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    specs = [parse_task(t) if isinstance(t, str) else t for t in tasks]
+    specs = [parse_task(t) if isinstance(t, str) else t for t in (default_tasks(budget) if tasks is None else tasks)]
     sizes, out = BUDGETS[budget], Path(output)
     runs = plan_runs(specs, range(seed, seed + seeds), fractions, captions_per_image or (0,))
     for run in runs:  # every config is built, and so checked, before any work starts

@@ -6,6 +6,10 @@ images seen, one line per pretext task, spread shaded) and, when several data fr
 A difference between two settings "exceeds the seed spread" when their means differ by more than the
 sum of their standard deviations over seeds (sample std); with one seed the spread is unknown and no
 difference is called.
+
+The zero-shot and retrieval cells (:mod:`capvis.demo.ablate_family`: ``family_method``, ``zeroshot_*``,
+``i2t_r@K``, ``t2i_r@K``, ...) are extra CSV columns on the final checkpoint's rows, empty for a task that
+can do neither, and two more tables of ``ablation.md``; the plots show the label tasks only.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from capvis.demo import report  # noqa: E402
+from capvis.demo.ablate_family import FAMILY_COLUMNS, RECALLS, RETRIEVAL_IMAGES, TEMPLATES, ZEROSHOT_IMAGES  # noqa: E402
 
 COLUMNS = ["task", "seed", "fraction", "captions_per_image", "iteration", "images_seen", "eval_task", "metric",
-           "value", "seconds", "eval_seconds"]
+           "value", "seconds", "eval_seconds", *FAMILY_COLUMNS]
+CHANCE = {"zeroshot_top1": "zeroshot_chance", "zeroshot_mAP": "zeroshot_mAP_chance"}
+CHANCE_METRIC = {"zeroshot_top1": "top1", "zeroshot_mAP": "mAP"}
+RECALL_TITLES = {"i2t_r@1": "image→text R@1", "i2t_r@5": "image→text R@5", "t2i_r@1": "text→image R@1",
+                 "t2i_r@5": "text→image R@5"}
 METRIC_NAMES = {"mAP": "mAP", "top1": "top-1 %"}
 
 Setting = tuple[str, Any, Any]  # (task, fraction, captions_per_image)
@@ -116,7 +125,76 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     else:
         words = ["One seed: the seed spread is unknown, so no difference is called (run with `--seeds 2` or more)."]
     return "\n".join(["# Pretext-task ablation", "", intro, "", report.markdown_table(header, table), "",
-                      "## Differences beyond the seed spread", "", *words, ""])
+                      "## Differences beyond the seed spread", "", *words, "", *family_markdown(rows)])
+
+
+def _cell(mean: float, std: float) -> str:
+    """Mean ± std; blank (not 0) where no seed has a value: the task cannot be scored this way."""
+    return "" if math.isnan(mean) else f"{mean:.1f}" + ("" if math.isnan(std) else f" ± {std:.1f}")
+
+
+def _family_values(rows: Sequence[dict[str, Any]], setting: Setting, column: str, eval_task: str | None = None
+                   ) -> list[float]:
+    """One value per seed of ``column`` at the setting's final checkpoint (of ``eval_task``, or any row)."""
+    last: dict[Any, int] = {}
+    for r in rows:
+        if _setting(r) == setting:
+            last[r["seed"]] = max(last.get(r["seed"], -1), int(r["images_seen"]))
+    per_seed: dict[Any, float] = {}
+    for r in rows:
+        value = r.get(column, "")
+        if (_setting(r) == setting and int(r["images_seen"]) == last[r["seed"]] and value not in ("", None)
+                and (eval_task is None or r["eval_task"] == eval_task)):
+            per_seed[r["seed"]] = float(value)
+    return list(per_seed.values())
+
+
+def family_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The zero-shot and retrieval tables (final budget, mean ± std over seeds); [] when no run has them."""
+    if not any(r.get("family_method") for r in rows):
+        return []
+    settings = list(dict.fromkeys(_setting(r) for r in rows))
+    vary_data = len({(s[1], s[2]) for s in settings if s[1] != ""}) > 1
+    evals = list(dict.fromkeys((r["eval_task"], r["metric"]) for r in rows))
+    zs_cols = [(t, "zeroshot_top1") for t, _ in evals] + [(t, "zeroshot_mAP") for t, m in evals if m == "mAP"]
+    methods = {s: next((r["family_method"] for r in rows if _setting(r) == s and r.get("family_method")), "")
+               for s in settings}
+
+    def stat(s: Setting, column: str, eval_task: str | None = None) -> str:
+        return _cell(*_mean_std(_family_values(rows, s, column, eval_task)))
+
+    def chance(column: str, eval_task: str) -> str:  # the labels' alone, the same for every run
+        values = [v for s in settings for v in _family_values(rows, s, CHANCE[column], eval_task)]
+        return f"{values[0]:.1f}" if values else ""
+
+    zs_header = ["pretext task", "method", *[f"{report.TASK_TITLES.get(t, t)} {METRIC_NAMES[CHANCE_METRIC[c]]}"
+                                             for t, c in zs_cols]]
+    zs_table = [[_label(s, vary_data), methods[s], *[stat(s, c, t) for t, c in zs_cols]] for s in settings]
+    zs_table.append(["chance", "", *[chance(c, t) for t, c in zs_cols]])
+    ret_table = [[_label(s, vary_data), methods[s], *[stat(s, c) for c in RECALLS]] for s in settings]
+    pools = {(int(r["retrieval_images"]), int(r["retrieval_captions"])) for r in rows
+             if r.get("retrieval_images") not in ("", None)}
+    pool = (", ".join(f"{i} images and their {c} captions" for i, c in sorted(pools))
+            if pools else f"up to {RETRIEVAL_IMAGES} images")
+    n_templates = len(TEMPLATES)
+    n_zeroshot = max((int(r["zeroshot_images"]) for r in rows if r.get("zeroshot_images") not in ("", None)),
+                     default=0)
+    intro = (f"The runs whose task embeds images and text (contrastive, siglip, coca) are scored by **embedding** "
+             f"cosine, those whose task gives caption likelihoods (captioning, bicaptioning) by **likelihood** "
+             f"(the `method` column); CoCa, which has both, by embedding. A blank cell: the task can do neither "
+             f"(or, for mAP, the label task is single-label). Final checkpoint only; percentages, mean ± std "
+             f"over seeds.")
+    zs_words = (f"No label is trained on: class names in the template{'s' * (n_templates > 1)} "
+                f"{', '.join(f'`{t}`' for t in TEMPLATES)}, scored on the first {n_zeroshot} test images (at "
+                f"most {ZEROSHOT_IMAGES}; per task, those with a label). Top-1 counts a multi-label image when "
+                f"the prediction is any of its classes, hence the chance row (mean |labels| / classes); mAP for "
+                f"the multi-label tasks.")
+    ret_words = (f"Recall@K both ways on the first validation captions: {pool} (a capped pool, so every pair is "
+                 f"scored; the val images also train the probes, but pretraining never sees them).")
+    return ["## Zero-shot classification and retrieval", "", intro, "", "### Zero-shot classification", "",
+            zs_words, "", report.markdown_table(zs_header, zs_table), "", "### Image-text retrieval", "",
+            ret_words, "", report.markdown_table(["pretext task", "method", *[RECALL_TITLES[c] for c in RECALLS]],
+                                                 ret_table), ""]
 
 
 def _curves(rows: Sequence[dict[str, Any]], setting: Setting, task: str) -> tuple[list[int], list[float], list[float]]:

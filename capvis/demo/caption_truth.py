@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from capvis.data.world.vocab import COLOR_NAMES, SHAPE_WORDS, plural
+from capvis.world.vocab import COLOR_NAMES, SHAPE_WORDS, plural
 
 _NOUNS: dict[str, str] = {w: shape for shape, words in SHAPE_WORDS.items() for n in words for w in (n, plural(n))}
 _LOOKAHEAD = 3  # colour, then at most two words, then the noun

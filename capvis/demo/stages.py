@@ -18,7 +18,7 @@ import torch
 from capvis.config import Config, apply_overrides, load_config
 from capvis.data.annotations import read_caption_texts
 from capvis.data.tokenizer import Tokenizer, train_tokenizer
-from capvis.data.world import write_world
+from capvis.world import write_world
 from capvis.eval.downstream import evaluate_label_tasks
 from capvis.tasks import build_task
 from capvis.train.loop import Trainer

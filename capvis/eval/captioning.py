@@ -275,9 +275,11 @@ def finetune_captioning(checkpoint: str | Path, output: str | Path, *, train: st
     from capvis.train.distributed import cleanup
 
     pre = load_pretrained(checkpoint)
-    if not hasattr(pre.task, "textual") or pre.tokenizer is None:
-        raise ConfigError(f"{checkpoint} is a {pre.config.model.task!r} model without a caption head and "
-                          "vocabulary; caption fine-tuning needs a captioning or bicaptioning checkpoint")
+    from capvis.tasks.protocols import CaptionLikelihoodModel, require
+
+    require(pre.task, CaptionLikelihoodModel, doing="caption fine-tuning", source=str(checkpoint))
+    if pre.tokenizer is None:
+        raise ConfigError(f"{checkpoint} carries no vocabulary; caption fine-tuning needs its tokenizer")
     base = pre.config.model.textual.layers
     if layers is not None and layers < base:
         raise ConfigError(f"--layers {layers} is fewer than the checkpoint's {base}; only deeper heads are supported")

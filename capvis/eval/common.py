@@ -51,6 +51,40 @@ def add_image_arguments(parser: argparse.ArgumentParser, *, default_size: int | 
                         help="shorter side before the crop (default image_size * 256/224: 256 for 224)")
 
 
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags of ``capvis caption`` and ``capvis eval captioning``."""
+    parser.add_argument("--method", choices=("beam", "greedy", "nucleus", "parallel"), default="beam",
+                        help="decoding method (default beam; parallel: one pass over [MASK] inputs, "
+                             "for models trained with model.textual.parallel_fraction > 0)")
+    parser.add_argument("--beam-size", type=int, default=5, help="beam width (default 5)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    parser.add_argument("--max-steps", type=int, default=30, help="most tokens per caption (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="nucleus sampling seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    parser.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default 0)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+
+
+def decode_settings(args: argparse.Namespace):  # -> DecodeSettings (imported lazily)
+    from capvis.errors import ConfigError
+    from capvis.eval.captioning import DecodeSettings
+
+    if args.beam_size < 1 or args.max_steps < 1 or args.batch_size < 1:
+        raise ConfigError("--beam-size, --max-steps and --batch-size must be positive")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    return DecodeSettings(method=args.method, beam_size=args.beam_size, top_p=args.top_p,
+                          max_steps=args.max_steps, seed=args.seed)
+
+
+def add_stage_argument(parser: argparse.ArgumentParser) -> None:
+    """``--stage``: which backbone output is pooled; names depend on the backbone (checked when it is loaded)."""
+    parser.add_argument("--stage", default=None,
+                        help="intermediate stage to pool instead of the final features: a ResNet's layer1..layer4, "
+                             "a timm model's feature_info module (e.g. blocks.5, stages.2); default: the final "
+                             "features (model.pool)")
+
+
 def add_label_file_arguments(parser: argparse.ArgumentParser) -> None:
     """The downstream-label inputs of ``eval svm`` and ``eval labels``: two label files, their images or
     precomputed features, the tasks to score, the feature stage and cache."""
@@ -64,7 +98,7 @@ def add_label_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features-test", default=None, help="precomputed features of --test")
     parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                         help="score only these tasks of the label files (default: all)")
-    parser.add_argument("--stage", default="layer4", choices=("layer1", "layer2", "layer3", "layer4"))
+    add_stage_argument(parser)
     parser.add_argument("--cache-dir", default=None, help="reuse/write extracted features here")
 
 

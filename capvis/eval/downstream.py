@@ -150,7 +150,7 @@ def evaluate_feature_tasks(train_x: np.ndarray, train_entries: list[dict], test_
 
 def label_file_features(backbone: nn.Module, train_labels: str | Path, test_labels: str | Path, *,
                         images_train: str | Path | None = None, images_test: str | Path | None = None,
-                        image_size: int = 224, resize: int | None = None, stage: str = "layer4",
+                        image_size: int = 224, resize: int | None = None, stage: str | None = None,
                         batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
                         cache_dir: str | Path | None = None, source: str = "random"
                         ) -> tuple[dict[str, list[str]], list[dict], np.ndarray, list[dict], np.ndarray]:
@@ -186,7 +186,7 @@ def evaluate_label_tasks(backbone: nn.Module, train_labels: str | Path, test_lab
 
 def svm_eval_label_files(backbone: nn.Module, train_labels: str | Path, test_labels: str | Path, *,
                          images_train: str | Path | None = None, images_test: str | Path | None = None,
-                         image_size: int = 224, resize: int | None = None, stage: str = "layer4",
+                         image_size: int = 224, resize: int | None = None, stage: str | None = None,
                          batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
                          workers: int | None = None, cache_dir: str | Path | None = None,
                          source: str = "random", tasks: Sequence[str] | None = None, details: bool = False,

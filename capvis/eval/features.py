@@ -32,8 +32,7 @@ from capvis.data.datasets import load_image
 from capvis.data.transforms import build_eval_transform
 
 log = logging.getLogger(__name__)
-STAGES = ("layer1", "layer2", "layer3", "layer4")
-KEY_VERSION = 2  # bump when extraction changes in a way the key does not see
+KEY_VERSION = 3  # bump when extraction changes in a way the key does not see
 
 
 class ImageListDataset(Dataset):
@@ -53,15 +52,9 @@ def default_resize(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def stage_features(backbone: nn.Module, images: Tensor, stage: str = "layer4") -> Tensor:
-    """Global-average-pooled output of ``stage`` of a capvis VisualBackbone (B, C)."""
-    c = backbone.cnn
-    x = c.maxpool(c.relu(c.bn1(c.conv1(images))))
-    for name in STAGES:
-        x = getattr(c, name)(x)
-        if name == stage:
-            return x.mean(dim=(2, 3))
-    raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+def stage_features(backbone: nn.Module, images: Tensor, stage: str | None = None) -> Tensor:
+    """(B, C) pooled features of a backbone (the contract's ``pooled``): the final ones, or ``stage``'s."""
+    return backbone.pooled(images, stage)
 
 
 def precision(device: str | torch.device) -> str:
@@ -72,7 +65,7 @@ def precision(device: str | torch.device) -> str:
 @torch.no_grad()
 def extract_features(backbone: nn.Module, paths: Sequence[str | Path], *, image_size: int,
                      resize: int | None = None, batch_size: int = 64, num_workers: int = 0,
-                     device: str | torch.device = "cpu", stage: str = "layer4", progress: bool = False
+                     device: str | torch.device = "cpu", stage: str | None = None, progress: bool = False
                      ) -> np.ndarray:
     """(N, C) float32 features of ``paths`` in order."""
     device = torch.device(device)
@@ -84,7 +77,8 @@ def extract_features(backbone: nn.Module, paths: Sequence[str | Path], *, image_
                         batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     out = []
-    for images in tqdm(loader, desc=f"features {stage}", disable=not progress):
+    backbone.check_stage(stage)
+    for images in tqdm(loader, desc=f"features {stage or 'final'}", disable=not progress):
         images = images.to(device, non_blocking=True)
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -104,7 +98,7 @@ def weights_digest(module: nn.Module) -> str:
 
 
 def feature_key(backbone: nn.Module, paths: Sequence[str | Path], *, image_size: int,
-                resize: int | None = None, stage: str = "layer4", device: str | torch.device = "cpu"
+                resize: int | None = None, stage: str | None = None, device: str | torch.device = "cpu"
                 ) -> tuple[str, dict]:
     """``(key, settings)``: a hex key over the weights, the files (path, size, mtime; in order), the
     transform, the stage and the precision, and the readable settings it covers (for the sidecar)."""

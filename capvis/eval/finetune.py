@@ -4,8 +4,9 @@ The whole backbone trains, BatchNorm in train mode, with a new ``Linear(C, class
 (N(0, 0.01), bias 0): SGD momentum 0.9, weight decay 1e-4 on *all* parameters, LR 0.025 multiplied
 by 0.1 at 70% and 90% of the iterations (epochs 70 and 90 of 100), batch 256, no warmup, mixed
 precision on CUDA (bf16 where supported; the original used fp16), random-resized-crop + flip views.
-The result is saved as a torchvision ResNet state dict including ``fc.*``, so
-``torchvision.models.<arch>(num_classes=K).load_state_dict(...)`` takes it as-is (standard stem).
+The result is saved under the backbone family's own names with the new head as its classifier (a
+torchvision ResNet's ``fc``, a timm model's ``head``), so ``torchvision.models.<arch>(num_classes=K)`` or
+``timm.create_model(name, num_classes=K, img_size=S)`` loads it as-is (standard stem for ResNets).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from capvis.eval.linear import evaluate, image_folders, loader, new_head
+from capvis.tasks.base import TaskOutput
 from capvis.train.precision import resolve_precision
+from capvis.train.step import train_step
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +37,24 @@ class ClassifierNet(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.fc(self.backbone.pooled(images))  # (B, classes)
 
-    def torchvision_state_dict(self) -> dict[str, Tensor]:
-        """``conv1.* ... layer4.*, fc.*``: the keys of a torchvision ResNet with ``num_classes`` outputs."""
-        state = {k: v.detach().cpu() for k, v in self.backbone.cnn.state_dict().items() if not k.startswith("fc.")}
-        state.update({f"fc.{k}": v.detach().cpu() for k, v in self.fc.state_dict().items()})
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """The backbone family's own keys with this head as its classifier: a torchvision ResNet's
+        ``conv1.* ... fc.*`` or a timm model's (``head.*``) with ``num_classes`` outputs."""
+        state = {k: v.cpu() for k, v in self.backbone.export_state_dict(standard_only=False).items()}
+        head = self.backbone.classifier_name
+        state.update({f"{head}.{k}": v.detach().cpu() for k, v in self.fc.state_dict().items()})
         return state
+
+
+class _Supervised(nn.Module):
+    """``{"image", "target"}`` -> cross-entropy as a TaskOutput, so fine-tuning steps with ``train_step``."""
+
+    def __init__(self, net: ClassifierNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: dict[str, Tensor]) -> TaskOutput:
+        return TaskOutput(loss=nn.functional.cross_entropy(self.net(batch["image"]), batch["target"]), logs={})
 
 
 def multistep_lambda(total: int, milestones: tuple[float, ...] = (0.7, 0.9), gamma: float = 0.1):
@@ -51,8 +67,12 @@ def finetune_classify(backbone: nn.Module, train_dir: str | Path, val_dir: str |
                       resize: int | None = None, epochs: int = 100, lr: float = 0.025, batch_size: int = 256,
                       momentum: float = 0.9, weight_decay: float = 1e-4, milestones: tuple[float, ...] = (0.7, 0.9),
                       num_workers: int = 4, device: str | torch.device = "cpu", seed: int = 0,
-                      precision: str = "auto") -> tuple[ClassifierNet, dict[str, Any]]:
-    """Fine-tune ``backbone`` (trained in place) with a new head; returns the net and val top-1/top-5."""
+                      precision: str = "auto", clip_grad_norm: float = 0.0) -> tuple[ClassifierNet, dict[str, Any]]:
+    """Fine-tune ``backbone`` (trained in place) with a new head; returns the net and val top-1/top-5.
+
+    Each step is the trainer's :func:`~capvis.train.step.train_step` (autocast, scaler, clipping at
+    ``clip_grad_norm`` when > 0, a non-finite loss or gradient skips the update); the paper's protocol
+    does not clip (0, the default)."""
     device = torch.device(device)
     train, val = image_folders(train_dir, val_dir, image_size=image_size, resize=resize)
     torch.manual_seed(seed)
@@ -65,17 +85,15 @@ def finetune_classify(backbone: nn.Module, train_dir: str | Path, val_dir: str |
     total = epochs * len(train_loader)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, multistep_lambda(total, milestones))
-    net.train()  # BatchNorm in train mode: statistics adapt to the new data
+    objective = _Supervised(net).train()  # BatchNorm in train mode: statistics adapt to the new data
+    skipped = torch.zeros((), dtype=torch.long, device=device)
     for epoch in range(epochs):
         for images, targets in train_loader:
-            with prec.autocast():
-                loss = nn.functional.cross_entropy(net(images.to(device, non_blocking=True)), targets.to(device))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-        log.info("finetune epoch %d/%d: loss %.4f, lr %.4g", epoch + 1, epochs, loss.item(), sched.get_last_lr()[0])
+            batch = {"image": images.to(device, non_blocking=True), "target": targets.to(device, non_blocking=True)}
+            step = train_step(objective, batch, opt, sched, scaler, prec, clip_grad_norm=clip_grad_norm)
+            skipped += step.skipped
+        log.info("finetune epoch %d/%d: loss %.4f, lr %.4g, %d non-finite steps skipped", epoch + 1, epochs,
+                 float(step.loss), sched.get_last_lr()[0], int(skipped))
     net.eval()
 
     def predict(x: Tensor) -> Tensor:
@@ -90,13 +108,13 @@ def finetune_classify(backbone: nn.Module, train_dir: str | Path, val_dir: str |
 
 def save_finetuned(net: ClassifierNet, path: str | Path, *, metrics: dict[str, Any], config: dict[str, Any],
                    source: str) -> Path:
-    """Write ``{"model": torchvision state dict, "classes", "metrics", "config", "source"}`` atomically."""
+    """Write ``{"model": the family's state dict (torchvision or timm names), "classes", "metrics", "config", "source"}`` atomically."""
     from capvis import __version__
-    from capvis.train.checkpoint import atomic_save
+    from capvis.storage import atomic_save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": net.torchvision_state_dict(), "classes": metrics.get("class_names", []),
+    state = {"model": net.export_state_dict(), "classes": metrics.get("class_names", []),
              "metrics": {k: v for k, v in metrics.items() if k != "class_names"}, "config": config,
              "source": source, "capvis_version": __version__}
     return atomic_save(state, path)

@@ -128,7 +128,7 @@ def _sgd(fc: nn.Module, lr: float, momentum: float, weight_decay: float, total: 
 
 def linear_probe(backbone: nn.Module, train_dir: str | Path, val_dir: str | Path, *, image_size: int = 224,
                  resize: int | None = None, epochs: int = 100, lr: float = 0.3, batch_size: int = 256,
-                 momentum: float = 0.9, weight_decay: float = 0.0, stage: str = "layer4", num_workers: int = 4,
+                 momentum: float = 0.9, weight_decay: float = 0.0, stage: str | None = None, num_workers: int = 4,
                  device: str | torch.device = "cpu", seed: int = 0) -> dict[str, Any]:
     """Train a linear head on augmented views through the frozen backbone; top-1/top-5 on val (percent)."""
     device = torch.device(device)
@@ -158,7 +158,7 @@ def linear_probe(backbone: nn.Module, train_dir: str | Path, val_dir: str | Path
 
 
 def linear_probe_cached(backbone: nn.Module, train_dir: str | Path, val_dir: str | Path, *, image_size: int = 224,
-                        resize: int | None = None, stage: str = "layer4", batch_size: int = 256, num_workers: int = 4,
+                        resize: int | None = None, stage: str | None = None, batch_size: int = 256, num_workers: int = 4,
                         device: str | torch.device = "cpu", seed: int = 0, cache_dir: str | Path | None = None,
                         source: str = "random", weight_decays: Sequence[float] = WEIGHT_DECAYS,
                         holdout: float = 0.2) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from capvis.data.annotations import ImageRecord
 from capvis.data.datasets import load_image
 from capvis.data.tokenizer import EOS_ID, PAD_ID, SOS_ID, Tokenizer, normalize_caption
 from capvis.data.transforms import build_eval_transform
-from capvis.errors import ConfigError
 
 
 def caption_ids(tokenizer: Tokenizer, caption: str, max_len: int) -> list[int]:
@@ -67,13 +66,13 @@ def token_nll(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def score_captions(task: nn.Module, tokenizer: Tokenizer, records: Sequence[ImageRecord], *, image_size: int,
                    max_caption_length: int, batch_size: int = 32, num_workers: int = 0,
-                   device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
+                   device: str | torch.device = "cpu", progress: bool = False,
+                   source: str = "the checkpoint") -> dict[str, Any]:
     """``{"nll_forward", "nll_backward" (bicaptioning only), "tokens", "captions", "images"}``."""
     from capvis.tasks.captioning import reverse_captions
+    from capvis.tasks.protocols import CaptionLikelihoodModel, require
 
-    if not hasattr(task, "textual"):
-        raise ConfigError(f"scoring needs a captioning or bicaptioning model, not {type(task).__name__}")
-    backward = getattr(task, "backward_textual", None)
+    heads = require(task, CaptionLikelihoodModel, doing="capvis score", source=source).caption_heads()
     task = task.eval().to(device)
     data = _ScoreDataset(records, tokenizer, image_size, max_caption_length)
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
@@ -83,16 +82,14 @@ def score_captions(task: nn.Module, tokenizer: Tokenizer, records: Sequence[Imag
     for batch in tqdm(loader, desc="score", disable=not progress):
         grid = task.visual(batch["image"].to(device))[batch["owner"].to(device)]  # (N, C, h, w), one per caption
         tokens, lengths = batch["caption_tokens"].to(device), batch["caption_lengths"].to(device)
-        heads = [("forward", task.textual, tokens)]
-        if backward is not None:
-            heads.append(("backward", backward, reverse_captions(tokens, lengths)))  # [EOS] .. [SOS]
-        for name, head, toks in heads:
-            total, n = token_nll(head(grid, toks, lengths), toks)
-            sums[name] += total.cpu()
-            counts[name] += int(n)
+        for head in heads:
+            toks = reverse_captions(tokens, lengths) if head.reverse else tokens  # [EOS] .. [SOS] backward
+            total, n = token_nll(head.module(grid, toks, lengths), toks)
+            sums[head.name] += total.cpu()
+            counts[head.name] += int(n)
         captions += len(tokens)
     result: dict[str, Any] = {"nll_forward": float(sums["forward"] / max(counts["forward"], 1))}
-    if backward is not None:
+    if counts["backward"]:
         result["nll_backward"] = float(sums["backward"] / max(counts["backward"], 1))
     result.update(tokens=counts["forward"], captions=captions, images=len(data))
     return result

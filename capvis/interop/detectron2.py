@@ -53,10 +53,10 @@ def detectron2_name(torchvision_key: str) -> str | None:
 
 
 def detectron2_state_dict(backbone: nn.Module) -> dict[str, np.ndarray]:
-    """``{detectron2 name: float32 numpy array}`` of ``backbone.cnn``."""
-    check_standard_resnet(backbone)
+    """``{detectron2 name: float32 numpy array}`` of the backbone's torchvision ResNet."""
+    check_standard_resnet(backbone)  # one line for anything else
     out: dict[str, np.ndarray] = {}
-    for key, value in backbone.cnn.state_dict().items():
+    for key, value in backbone.export_state_dict().items():
         name = detectron2_name(key)
         if name is not None:
             out[name] = _numpy(value)

@@ -73,17 +73,16 @@ def convert_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def infer_backbone(state: dict[str, Tensor]) -> tuple[str, bool]:
     """``(registry name, small_stem)`` of the ResNet whose key/shape list equals ``visual.cnn.*``."""
-    from capvis.models.backbones import list_backbones
+    from capvis.models.backbones.resnet import RESNETS
 
     cnn = {k[len("visual.cnn."):]: tuple(v.shape) for k, v in state.items() if k.startswith("visual.cnn.")}
     if not cnn:
         raise CheckpointError("the checkpoint has no visual.cnn.* tensors; is it a VirTex model?")
     small_stem = cnn.get("conv1.weight", (0, 0, 7, 7))[-1] == 3
-    for name in list_backbones():
+    for name in RESNETS:  # VirTex trained torchvision ResNets only
         if _backbone_shapes(name, small_stem) == cnn:
             return name, small_stem
-    raise CheckpointError(f"visual.cnn.* ({len(cnn)} tensors) matches none of the backbones "
-                          f"{', '.join(list_backbones())}")
+    raise CheckpointError(f"visual.cnn.* ({len(cnn)} tensors) matches none of the backbones {', '.join(RESNETS)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,7 +190,7 @@ def import_virtex(checkpoint: str | Path, vocab: str | Path, output: str | Path,
     or evaluation, not a resumed pretraining run.
     """
     from capvis.release import build_loaded_task
-    from capvis.train.checkpoint import atomic_save
+    from capvis.storage import atomic_save
 
     state, iteration = read_original(checkpoint)
     tokenizer = Tokenizer(vocab)

@@ -7,12 +7,13 @@ branches on a task's name. New tasks subclass :class:`PretextTask` and register 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from capvis.config import Config
-from capvis.models.backbones import VisualBackbone
+from capvis.data.pipeline import CAPTION_KEYS
+from capvis.models.backbones import Backbone
 from capvis.registry import Registry
 
 TASKS: Registry[type["PretextTask"]] = Registry("task")
@@ -29,7 +30,8 @@ class TaskOutput:
 class PretextTask(nn.Module):
     """Base class: ``visual`` is the transferable ConvNet every task has."""
 
-    visual: VisualBackbone
+    visual: Backbone
+    batch_keys: ClassVar[frozenset[str]] = CAPTION_KEYS  # batch entries the task reads; the pipeline is told
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int) -> "PretextTask":
@@ -41,13 +43,14 @@ class PretextTask(nn.Module):
     def param_groups(self, train_cfg: Any) -> list[dict[str, Any]]:
         """Four groups: visual and textual, each with and without weight decay.
 
-        ``visual.*`` trains at ``lr_backbone`` with decay on every tensor (BatchNorm included, as in
-        VirTex); the rest at ``lr_textual`` with no decay on normalisation weights/biases and on biases.
+        ``visual.*`` trains at ``lr_backbone`` with decay on every tensor but those the backbone lists in
+        ``no_weight_decay()`` (none for ResNets, BatchNorm included, as in VirTex); the rest at ``lr_textual`` with no decay on normalisation weights/biases and on biases.
         VirTex decays the output and visual_projection biases; capvis does not decay any head bias.
         Shared (tied) tensors appear once, under their first name.
         """
         groups: dict[str, dict[str, Any]] = {}
         seen: set[int] = set()
+        visual_no_decay = {f"visual.{n}" for n in self.visual.no_weight_decay()}
         for module_name, module in self.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
                 if not param.requires_grad or id(param) in seen:
@@ -55,7 +58,10 @@ class PretextTask(nn.Module):
                 seen.add(id(param))
                 name = f"{module_name}.{param_name}" if module_name else param_name
                 visual = name.startswith("visual.")
-                decay = visual or not (isinstance(module, _NORMS) or param_name.endswith("bias"))
+                if visual:  # the backbone's own rule: ResNets decay everything (VirTex), timm models not norms
+                    decay = name not in visual_no_decay
+                else:
+                    decay = not (isinstance(module, _NORMS) or param_name.endswith("bias"))
                 key = f"{'visual' if visual else 'textual'}/{'decay' if decay else 'no_decay'}"
                 group = groups.setdefault(key, {
                     "name": key, "params": [], "param_names": [],
@@ -65,6 +71,13 @@ class PretextTask(nn.Module):
                 group["param_names"].append(name)
         order = ("visual/decay", "visual/no_decay", "textual/decay", "textual/no_decay")
         return [groups[k] for k in order if k in groups]
+
+
+def head_sizes(t: Any, max_len: int) -> dict[str, Any]:
+    """The Transformer sizes of a ``TextualConfig`` as keyword arguments: every textual head and text
+    encoder of every task is built from this one place."""
+    return {"hidden": t.hidden, "layers": t.layers, "heads": t.heads, "feedforward": t.feedforward,
+            "dropout": t.dropout, "norm_first": t.norm_first, "max_len": max_len}
 
 
 def build_task(cfg: Config, vocab_size: int) -> PretextTask:

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from capvis.config import Config
 from capvis.errors import DataError
-from capvis.models.backbones import VisualBackbone, build_visual
+from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.textual import DecodeCache, TextualHead
-from capvis.tasks.base import TASKS, PretextTask, TaskOutput
+from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
 from capvis.tasks.protocols import CaptionHead
 
 
@@ -78,7 +78,7 @@ def _lengths(batch: dict[str, Tensor]) -> Tensor:
 class CaptioningTask(PretextTask):
     """Forward captioning: predict each caption token from the image and the tokens before it."""
 
-    def __init__(self, visual: VisualBackbone, textual: TextualHead, *, parallel_fraction: float = 0.0,
+    def __init__(self, visual: Backbone, textual: TextualHead, *, parallel_fraction: float = 0.0,
                  seed: int = 0) -> None:
         super().__init__()
         self.visual = visual
@@ -90,11 +90,10 @@ class CaptioningTask(PretextTask):
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int) -> "CaptioningTask":
-        m, t = cfg.model, cfg.model.textual
-        visual = build_visual(m)
-        textual = TextualHead(visual_features=visual.num_features, vocab_size=vocab_size, hidden=t.hidden,
-                              layers=t.layers, heads=t.heads, feedforward=t.feedforward, dropout=t.dropout,
-                              norm_first=t.norm_first, max_len=cfg.data.max_caption_length)
+        t = cfg.model.textual
+        visual = build_visual_for(cfg)
+        textual = TextualHead(visual_features=visual.num_features, vocab_size=vocab_size,
+                              **head_sizes(t, cfg.data.max_caption_length))
         return cls(visual, textual, parallel_fraction=t.parallel_fraction, seed=cfg.train.seed)
 
     def select_parallel(self, batch: dict[str, Tensor]) -> Tensor | None:
@@ -139,7 +138,7 @@ class CaptioningTask(PretextTask):
 class BicaptioningTask(CaptioningTask):
     """VirTex: forward and backward captioning, losses summed."""
 
-    def __init__(self, visual: VisualBackbone, textual: TextualHead, **parallel: Any) -> None:
+    def __init__(self, visual: Backbone, textual: TextualHead, **parallel: Any) -> None:
         super().__init__(visual, textual, **parallel)
         backward = copy.deepcopy(textual)
         backward.visual_projection = textual.visual_projection

@@ -11,7 +11,7 @@ cross-entropy against that target, so the gradients are the same as the original
   ``model.classification.loss=bce`` gives the one-vs-all variant (mean binary cross-entropy).
 * ``multilabel_classification``: the targets are the COCO instance categories of the image (from
   ``instances_<split>.json`` beside the captions file, read by the data pipeline because the task sets
-  ``needs_categories``); ``model.num_categories`` outputs (80 for COCO, CaptionWorld's 8 shapes fit too).
+  ``batch_keys``); ``model.num_categories`` outputs (80 for COCO, CaptionWorld's 8 shapes fit too).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capvis.config import Config
+from capvis.data.pipeline import CAPTION_KEYS, CATEGORY_KEY
 from capvis.data.tokenizer import EOS_ID, MASK_ID, PAD_ID, SOS_ID
 from capvis.errors import ConfigError, DataError
-from capvis.models.backbones import VisualBackbone, build_visual
+from capvis.models.backbones import Backbone, build_visual_for
 from capvis.tasks.base import TASKS, PretextTask, TaskOutput
 
 SPECIAL_IDS = (PAD_ID, SOS_ID, EOS_ID, MASK_ID)
@@ -67,7 +68,7 @@ def soft_target_loss(logits: Tensor, multi_hot: Tensor) -> Tensor:
 
 
 class _ClassificationTask(PretextTask):
-    def __init__(self, visual: VisualBackbone, num_outputs: int) -> None:
+    def __init__(self, visual: Backbone, num_outputs: int) -> None:
         super().__init__()
         self.visual = visual
         self.textual = LinearHead(visual.num_features, num_outputs)
@@ -80,7 +81,7 @@ class _ClassificationTask(PretextTask):
 class TokenClassificationTask(_ClassificationTask):
     """Predict the set of caption tokens from the pooled image features (a bag of words)."""
 
-    def __init__(self, visual: VisualBackbone, vocab_size: int, *, loss: str = "softmax") -> None:
+    def __init__(self, visual: Backbone, vocab_size: int, *, loss: str = "softmax") -> None:
         if loss not in LOSSES:
             raise ConfigError(f"model.classification.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         super().__init__(visual, vocab_size)
@@ -88,7 +89,7 @@ class TokenClassificationTask(_ClassificationTask):
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int) -> "TokenClassificationTask":
-        return cls(build_visual(cfg.model), vocab_size, loss=cfg.model.classification.loss)
+        return cls(build_visual_for(cfg), vocab_size, loss=cfg.model.classification.loss)
 
     def forward(self, batch: dict[str, Tensor]) -> TaskOutput:
         logits = self.logits(batch["image"])
@@ -106,9 +107,9 @@ class TokenClassificationTask(_ClassificationTask):
 class MultilabelClassificationTask(_ClassificationTask):
     """Predict the image's instance categories (batch key ``categories``, (B, K) multi-hot)."""
 
-    needs_categories: ClassVar[bool] = True  # the data pipeline attaches instances_<split>.json categories
+    batch_keys: ClassVar[frozenset[str]] = CAPTION_KEYS | {CATEGORY_KEY}  # instances_<split>.json categories
 
-    def __init__(self, visual: VisualBackbone, num_categories: int) -> None:
+    def __init__(self, visual: Backbone, num_categories: int) -> None:
         if num_categories <= 0:
             raise ConfigError(f"model.num_categories must be positive, got {num_categories}")
         super().__init__(visual, num_categories)
@@ -116,7 +117,7 @@ class MultilabelClassificationTask(_ClassificationTask):
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int) -> "MultilabelClassificationTask":
-        return cls(build_visual(cfg.model), cfg.model.num_categories)
+        return cls(build_visual_for(cfg), cfg.model.num_categories)
 
     def forward(self, batch: dict[str, Tensor]) -> TaskOutput:
         if "categories" not in batch:

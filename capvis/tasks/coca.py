@@ -33,10 +33,10 @@ from torch import Tensor, nn
 from capvis.config import Config
 from capvis.errors import ConfigError
 from capvis.models.attention import MultiheadAttention
-from capvis.models.backbones import VisualBackbone, build_visual
+from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.text_encoder import TextEncoder
 from capvis.models.textual import TextualHead
-from capvis.tasks.base import TASKS, TaskOutput
+from capvis.tasks.base import TASKS, TaskOutput, head_sizes
 from capvis.tasks.captioning import CaptioningTask, caption_loss, reverse_captions
 from capvis.tasks.contrastive import ContrastiveObjective, build_text_encoder, contrastive_options
 from capvis.tasks.protocols import CaptionHead
@@ -77,7 +77,7 @@ def backward_head(textual: TextualHead) -> TextualHead:
 class CocaTask(ContrastiveObjective, CaptioningTask):
     """Captioning (one or both directions) plus contrastive matching, weighted, on one backbone."""
 
-    def __init__(self, visual: VisualBackbone, textual: TextualHead, text_encoder: TextEncoder, *,
+    def __init__(self, visual: Backbone, textual: TextualHead, text_encoder: TextEncoder, *,
                  caption_weight: float = 2.0, contrastive_weight: float = 1.0, bidirectional: bool = False,
                  image_pool: str = "attention", parallel_fraction: float = 0.0, seed: int = 0,
                  **contrastive: Any) -> None:
@@ -97,11 +97,10 @@ class CocaTask(ContrastiveObjective, CaptioningTask):
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int) -> "CocaTask":
         m, t, k = cfg.model, cfg.model.textual, cfg.model.coca
-        visual = build_visual(m)
+        visual = build_visual_for(cfg)
         with torch.random.fork_rng(devices=[]):  # both sides start where their own task would start
-            textual = TextualHead(visual_features=visual.num_features, vocab_size=vocab_size, hidden=t.hidden,
-                                  layers=t.layers, heads=t.heads, feedforward=t.feedforward, dropout=t.dropout,
-                                  norm_first=t.norm_first, max_len=cfg.data.max_caption_length)
+            textual = TextualHead(visual_features=visual.num_features, vocab_size=vocab_size,
+                                  **head_sizes(t, cfg.data.max_caption_length))
         return cls(visual, textual, build_text_encoder(cfg, vocab_size), caption_weight=k.caption_weight,
                    contrastive_weight=k.contrastive_weight, bidirectional=k.bidirectional,
                    image_pool=k.image_pool, parallel_fraction=t.parallel_fraction, seed=cfg.train.seed,

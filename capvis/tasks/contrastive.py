@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from capvis.config import Config, ContrastiveConfig
 from capvis.data.tokenizer import PAD_ID
 from capvis.errors import ConfigError
-from capvis.models.backbones import VisualBackbone, build_visual
+from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.text_encoder import TextEncoder, pool_text
-from capvis.tasks.base import TASKS, PretextTask, TaskOutput
+from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
 
 MAX_LOGIT_SCALE = 100.0
 POOLING = ("eos", "mean")
@@ -109,10 +109,7 @@ NO_DECAY = ("logit_scale", "logit_bias")
 
 def build_text_encoder(cfg: Config, vocab_size: int) -> TextEncoder:
     """The bidirectional text Transformer of the contrastive side, ``model.textual`` sizes."""
-    t = cfg.model.textual
-    return TextEncoder(vocab_size=vocab_size, hidden=t.hidden, layers=t.layers, heads=t.heads,
-                       feedforward=t.feedforward, dropout=t.dropout, norm_first=t.norm_first,
-                       max_len=cfg.data.max_caption_length)
+    return TextEncoder(vocab_size=vocab_size, **head_sizes(cfg.model.textual, cfg.data.max_caption_length))
 
 
 def contrastive_options(c: ContrastiveConfig) -> dict[str, Any]:
@@ -128,7 +125,7 @@ class ContrastiveObjective:
     ``text_projection``, ``logit_scale``, ``logit_bias``), so ICMLM can load the text encoder of either.
     """
 
-    visual: VisualBackbone
+    visual: Backbone
 
     def init_contrastive(self, text_encoder: TextEncoder, *, embed_dim: int = 256, loss: str = "infonce",
                          init_temperature: float = 0.0, init_bias: float = -10.0, text_pool: str = "mean",
@@ -208,14 +205,14 @@ class ContrastiveObjective:
 class ContrastiveTask(ContrastiveObjective, PretextTask):
     """CLIP (or SigLIP): match each image with its caption among all captions of the (global) batch."""
 
-    def __init__(self, visual: VisualBackbone, text_encoder: TextEncoder, **options: Any) -> None:
+    def __init__(self, visual: Backbone, text_encoder: TextEncoder, **options: Any) -> None:
         super().__init__()
         self.visual = visual
         self.init_contrastive(text_encoder, **options)
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int) -> "ContrastiveTask":
-        visual = build_visual(cfg.model)  # first, as every task: a seed gives every task the same backbone
+        visual = build_visual_for(cfg)  # first, as every task: a seed gives every task the same backbone
         return cls(visual, build_text_encoder(cfg, vocab_size), **contrastive_options(cfg.model.contrastive))
 
     def forward(self, batch: dict[str, Tensor]) -> TaskOutput:

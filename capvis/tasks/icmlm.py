@@ -23,10 +23,10 @@ from capvis.config import Config, MaskedLMConfig, TextualConfig, config_from_dic
 from capvis.data.tokenizer import PAD_ID
 from capvis.errors import CheckpointError, ConfigError
 from capvis.models.attention import TransformerDecoderLayer
-from capvis.models.backbones import VisualBackbone, build_visual
+from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.text_encoder import TextEncoder, key_padding_mask
 from capvis.models.textual import TransformerStack, _init_weights
-from capvis.tasks.base import TASKS, PretextTask, TaskOutput
+from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
 from capvis.tasks.masked_lm import IGNORE_INDEX, check_masking, mask_tokens, masked_lm_loss
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,12 @@ class ICMLMHead(nn.Module):
 
 
 def _build_encoder(t: TextualConfig, vocab_size: int, max_len: int) -> TextEncoder:
-    return TextEncoder(vocab_size=vocab_size, hidden=t.hidden, layers=t.layers, heads=t.heads,
-                       feedforward=t.feedforward, dropout=t.dropout, norm_first=t.norm_first, max_len=max_len)
+    return TextEncoder(vocab_size=vocab_size, **head_sizes(t, max_len))
 
 
 def load_text_encoder(path: str | Path, vocab_size: int) -> TextEncoder:
     """The text side of a capvis ``masked_lm`` or ``contrastive`` checkpoint (file or run directory)."""
-    from capvis.train import checkpoint as ckpt
+    from capvis import storage as ckpt
 
     path = Path(path)
     if path.is_dir():
@@ -109,7 +108,7 @@ def load_text_encoder(path: str | Path, vocab_size: int) -> TextEncoder:
 class ICMLMTask(PretextTask):
     """Masked-token prediction from a frozen text encoding of the masked caption and the image."""
 
-    def __init__(self, visual: VisualBackbone, text_encoder: TextEncoder, head: ICMLMHead,
+    def __init__(self, visual: Backbone, text_encoder: TextEncoder, head: ICMLMHead,
                  masking: MaskedLMConfig) -> None:
         super().__init__()
         check_masking(masking)
@@ -130,7 +129,7 @@ class ICMLMTask(PretextTask):
             log.warning("icmlm: no model.icmlm.text_encoder given: the frozen text encoder is RANDOM "
                         "(a control run, not ICMLM proper)")
             encoder = _build_encoder(cfg.model.textual, vocab_size, cfg.data.max_caption_length)
-        visual = build_visual(cfg.model)
+        visual = build_visual_for(cfg)
         head = ICMLMHead(text_features=encoder.hidden, visual_features=visual.num_features, vocab_size=vocab_size,
                          cfg=cfg.model.textual)
         return cls(visual, encoder, head, cfg.model.masked_lm)

@@ -23,9 +23,9 @@ from torch import Tensor
 from capvis.config import Config, MaskedLMConfig
 from capvis.data.tokenizer import MASK_ID, PAD_ID
 from capvis.errors import ConfigError
-from capvis.models.backbones import VisualBackbone, build_visual
+from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.text_encoder import BidirectionalTextualHead
-from capvis.tasks.base import TASKS, PretextTask, TaskOutput
+from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
 
 IGNORE_INDEX = -100
 FIRST_WORD_ID = 4  # ids 0-3 are <unk>/padding, [SOS], [EOS], [MASK]
@@ -84,7 +84,7 @@ def check_masking(m: MaskedLMConfig) -> None:
 class MaskedLMTask(PretextTask):
     """Predict masked caption tokens from the rest of the caption and the image."""
 
-    def __init__(self, visual: VisualBackbone, textual: BidirectionalTextualHead, masking: MaskedLMConfig) -> None:
+    def __init__(self, visual: Backbone, textual: BidirectionalTextualHead, masking: MaskedLMConfig) -> None:
         super().__init__()
         check_masking(masking)
         self.visual = visual
@@ -94,11 +94,9 @@ class MaskedLMTask(PretextTask):
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int) -> "MaskedLMTask":
         t = cfg.model.textual
-        visual = build_visual(cfg.model)
+        visual = build_visual_for(cfg)
         textual = BidirectionalTextualHead(visual_features=visual.num_features, vocab_size=vocab_size,
-                                           hidden=t.hidden, layers=t.layers, heads=t.heads,
-                                           feedforward=t.feedforward, dropout=t.dropout, norm_first=t.norm_first,
-                                           max_len=cfg.data.max_caption_length)
+                                           **head_sizes(t, cfg.data.max_caption_length))
         return cls(visual, textual, cfg.model.masked_lm)
 
     def mask(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:

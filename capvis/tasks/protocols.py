@@ -6,19 +6,26 @@
   (``captioning``, ``bicaptioning``, ``coca``); zero-shot ``--method likelihood`` and likelihood
   retrieval use it, with the heads' key/value cache (:mod:`capvis.eval.likelihood`).
 
-Both are ``runtime_checkable``: ``isinstance(task, ImageTextEmbedder)``. A new task opts in by defining
-the methods; an evaluation that needs a capability the checkpoint lacks says so in one line.
+* :class:`Captioner`: autoregressive decoding with a key/value cache (``init_decoding``,
+  ``decode_step``); ``capvis caption``, ``eval captioning`` and the demo's captions use it.
+
+All are ``runtime_checkable``: ``isinstance(task, ImageTextEmbedder)``. A new task opts in by defining
+the methods; a command that needs a capability the checkpoint lacks calls :func:`require`, which says
+so in one line.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from torch import Tensor
 
-from capvis.models.backbones import VisualBackbone
-from capvis.models.textual import TextualHead
+from capvis.errors import ConfigError
+from capvis.models.backbones import Backbone
+from capvis.models.textual import DecodeCache, TextualHead
+
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,33 @@ class ImageTextEmbedder(Protocol):
 
 @runtime_checkable
 class CaptionLikelihoodModel(Protocol):
-    visual: VisualBackbone
+    visual: Backbone
 
     def caption_heads(self) -> list[CaptionHead]:
         """The heads whose log-likelihoods are summed to score a caption (forward first)."""
         ...
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    def init_decoding(self, images: Tensor, *, max_len: int | None = None) -> DecodeCache:
+        """Run the backbone once; the head's cache for decoding ``images``."""
+        ...
+
+    def decode_step(self, tokens: Tensor, cache: DecodeCache, *,
+                    return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B,) last tokens -> (B, V) next-token logits."""
+        ...
+
+
+_LACKS = {ImageTextEmbedder: "an image and a text embedding (encode_image, encode_text)",
+          CaptionLikelihoodModel: "a captioning head that scores captions (caption_heads)",
+          Captioner: "an autoregressive caption decoder (init_decoding, decode_step)"}
+
+
+def require(task: Any, capability: type[P], *, doing: str, source: str = "the checkpoint") -> P:
+    """``task`` if it has ``capability``, else a one-line ConfigError naming what it lacks."""
+    if isinstance(task, capability):
+        return task
+    raise ConfigError(f"{doing} needs {_LACKS.get(capability, capability.__name__)}; {source} "
+                      f"({type(task).__name__}) has none")

@@ -88,12 +88,12 @@ def _shard_blocks(task: nn.Module) -> list[nn.Module]:
     """The units FSDP gathers one at a time: backbone stages and Transformer layers (never a module
     whose parameters another module shares: those stay in the root group)."""
     from capvis.models.attention import TransformerDecoderLayer
-    from capvis.models.backbones import VisualBackbone
+    from capvis.models.backbones import Backbone
 
     blocks: list[nn.Module] = []
     for module in task.modules():
-        if isinstance(module, VisualBackbone):
-            blocks += [getattr(module.cnn, f"layer{i}") for i in range(1, 5)]
+        if isinstance(module, Backbone):
+            blocks += module.blocks()
         elif isinstance(module, (TransformerDecoderLayer, nn.TransformerEncoderLayer)):
             blocks.append(module)
     return blocks

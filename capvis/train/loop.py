@@ -40,6 +40,7 @@ from capvis.config import Config, dump_config
 from capvis.data.robust import BadSampleTally, unwrap_worker_error
 from capvis.data.shards import is_shard_pattern
 from capvis.data.streaming import ShardStream, check_resume_split, stream_split
+from capvis.data.tokenizer import vocab_size_of
 from capvis.errors import CapvisError, CheckpointError, ConfigError, DataError
 from capvis.models.checkpointing import set_activation_checkpointing
 from capvis.tasks import build_task
@@ -124,7 +125,7 @@ class Trainer:
         self.info = info or init_distributed(cfg.train.device)
         self.device = self.info.device
         self.tokenizer = load_vocabulary(cfg)
-        vocab_size = self.tokenizer.vocab_size if self.tokenizer is not None else cfg.model.vocab_size
+        vocab_size = vocab_size_of(self.tokenizer, cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task = self.prepare_task(build_task(cfg, vocab_size)).to(self.device)
         if cfg.model.activation_checkpointing and not set_activation_checkpointing(self.task, True):
@@ -148,10 +149,12 @@ class Trainer:
         self.model = self.strategy.wrap(self.task)  # self.task stays the plain module that checkpoints save
         if cfg.train.compile:
             self.model = compile_model(self.model, backend=cfg.train.compile_backend, device=self.device)
-        self.train_loader = build_train_loader(cfg, self.tokenizer, self.info, start_iteration=self.start)
+        keys = self.task.batch_keys  # what the task reads; the pipeline adds nothing else
+        self.train_loader = build_train_loader(cfg, self.tokenizer, self.info, start_iteration=self.start,
+                                               batch_keys=keys)
         self.split = self._stream_split(resumed[0] if resumed is not None else None)
         self.tally = BadSampleTally((self._resumed_data or {}).get("data_counts"))
-        self.val_loader = build_val_loader(cfg, self.tokenizer, self.info)
+        self.val_loader = build_val_loader(cfg, self.tokenizer, self.info, batch_keys=keys)
         self.progress = progress
 
     def prepare_task(self, task: torch.nn.Module) -> torch.nn.Module:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from capvis.config import TrainConfig
 
@@ -155,6 +154,3 @@ def inner_optimizer(optimizer: torch.optim.Optimizer | Lookahead) -> torch.optim
     """The torch optimizer that LR schedulers act on (Lookahead shares its param groups)."""
     return optimizer.optimizer if isinstance(optimizer, Lookahead) else optimizer
 
-
-def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]

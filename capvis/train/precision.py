@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import ContextManager
 
 import torch
 from torch import nn
@@ -41,9 +41,6 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     if name == "fp16" and device.type != "cuda":
         name = "bf16"  # fp16 autocast is CUDA-only; bf16 is the CPU equivalent
     return Precision(name, dtypes[name], device.type)
-
-
-AutocastFactory = Callable[[], ContextManager]
 
 
 def use_channels_last(requested: bool, device: torch.device) -> bool:

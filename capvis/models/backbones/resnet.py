@@ -1,55 +1,84 @@
-"""Visual backbones: torchvision ResNets trained from scratch, returning the last-stage grid.
+"""The torchvision ResNet family (the paper's backbones), trained from scratch.
 
 Key names stay ``cnn.*`` (a plain torchvision ResNet with ``fc = Identity``), so a capvis task's
 ``visual.cnn.*`` keys match the original VirTex checkpoints and export straight to torchvision.
+The ResNet-only config keys (``model.small_stem``, ``stem_stride``, ``visual_width``,
+``zero_init_residual``, ``visual_norm``) are read here and nowhere else.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 from torchvision.ops import FrozenBatchNorm2d
 
 from capvis.errors import ConfigError
 from capvis.models.checkpointing import checkpointed, wants_checkpoint
-from capvis.registry import Registry
+from capvis.models.backbones.base import BACKBONES, Backbone
 
 if TYPE_CHECKING:
     from capvis.config import ModelConfig
 
-BACKBONES: Registry[Callable[..., tvm.ResNet]] = Registry("backbone")
+RESNETS: dict[str, Callable[..., tvm.ResNet]] = {
+    name: getattr(tvm, name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")}
+STAGES = ("layer1", "layer2", "layer3", "layer4")
 
-for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2"):
-    BACKBONES.register(_name)(getattr(tvm, _name))
 
-
-class VisualBackbone(nn.Module):
+class ResNetBackbone(Backbone):
     """A torchvision ResNet whose forward stops after ``layer4`` (avgpool and fc unused)."""
 
-    activation_checkpointing: bool = False  # recompute each stage in backward (model.activation_checkpointing)
+    stages = STAGES
+    export_format = "torchvision"
 
     def __init__(self, cnn: tvm.ResNet, *, name: str = "") -> None:
         super().__init__()
         self.name = name
-        self.num_features: int = cnn.fc.in_features
+        self.num_features = cnn.fc.in_features
         cnn.fc = nn.Identity()
         self.cnn = cnn
+
+    def _stem(self, images: Tensor) -> Tensor:
+        c = self.cnn
+        return c.maxpool(c.relu(c.bn1(c.conv1(images))))
 
     def forward(self, images: Tensor) -> Tensor:
         """``images`` (B, 3, S, S) -> grid (B, C, S/32, S/32); (B, 2048, 7, 7) for R-50 at 224."""
         c = self.cnn
-        x = c.maxpool(c.relu(c.bn1(c.conv1(images))))
+        x = self._stem(images)
         if wants_checkpoint(self):
-            for stage in (c.layer1, c.layer2, c.layer3, c.layer4):
+            for stage in self.blocks():
                 x = checkpointed(stage, x)
             return x
         return c.layer4(c.layer3(c.layer2(c.layer1(x))))
 
-    def pooled(self, images: Tensor) -> Tensor:
-        """Global-average-pooled features (B, C)."""
-        return self.forward(images).mean(dim=(2, 3))
+    def intermediates(self, images: Tensor, stages: Sequence[str]) -> list[Tensor]:
+        for stage in stages:
+            self.check_stage(stage)
+        x, grids = self._stem(images), {}
+        for name, block in zip(STAGES, self.blocks()):
+            x = grids[name] = block(x)
+            if all(s in grids for s in stages):
+                break
+        return [grids[s] for s in stages]
+
+    def blocks(self) -> list[nn.Module]:
+        return [self.cnn.layer1, self.cnn.layer2, self.cnn.layer3, self.cnn.layer4]
+
+    classifier_name = "fc"
+
+    def export_state_dict(self, *, standard_only: bool = True) -> dict[str, Tensor]:
+        if standard_only:
+            check_standard_resnet(self)
+        return {k: v.detach().clone() for k, v in self.cnn.state_dict().items() if not k.startswith("fc.")}
+
+    def torchvision_resnet(self) -> tvm.ResNet:
+        return self.cnn
+
+
+VisualBackbone = ResNetBackbone  # the name of this class before the contract; kept for imports
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -108,7 +137,10 @@ def build_backbone(name: str, *, small_stem: bool = False, stem_stride: int = 1,
         raise ConfigError(f"model.visual_width must be a positive multiple of 8, got {width}")
     kwargs: dict[str, object] = {"norm_layer": NORM_LAYERS[norm]} if NORM_LAYERS[norm] is not None else {}
     zero_init = zero_init_residual and norm != "frozen"
-    builder = BACKBONES.get(name)
+    if name not in RESNETS:
+        BACKBONES.get(name)  # the registry's one-line error, with a suggestion
+        raise ConfigError(f"backbone {name!r} is not a torchvision ResNet")
+    builder = RESNETS[name]
     if width == 64:
         cnn = builder(weights=None, zero_init_residual=zero_init, **kwargs)
     else:
@@ -120,18 +152,45 @@ def build_backbone(name: str, *, small_stem: bool = False, stem_stride: int = 1,
         cnn.conv1 = nn.Conv2d(3, cnn.conv1.out_channels, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         nn.init.kaiming_normal_(cnn.conv1.weight, mode="fan_out", nonlinearity="relu")
         cnn.maxpool = nn.Identity()
-    return VisualBackbone(cnn, name=name)
+    return ResNetBackbone(cnn, name=name)
 
 
-def build_visual(model_cfg: ModelConfig) -> VisualBackbone:
-    """The backbone every task builds from ``cfg.model`` (one place, so all tasks agree)."""
-    return build_backbone(model_cfg.backbone, small_stem=model_cfg.small_stem, stem_stride=model_cfg.stem_stride,
+def torchvision_reference(backbone: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of torchvision's own model of ``backbone.name`` (fc excluded), built on meta."""
+    builder = getattr(tvm, getattr(backbone, "name", ""), None)
+    if builder is None:
+        raise ConfigError(f"backbone {getattr(backbone, 'name', '?')!r} is not a torchvision model")
+    with torch.device("meta"):
+        reference = builder(weights=None).state_dict()
+    return {k: tuple(v.shape) for k, v in reference.items() if not k.startswith("fc.")}
+
+
+def check_standard_resnet(backbone: nn.Module) -> None:
+    """Torchvision and Detectron2 know only torchvision's own shapes: the standard 7x7 stem, width 64,
+    BatchNorm layers. Demo variants (``small_stem``, ``visual_width``, GroupNorm) cannot be exported."""
+    cnn = backbone.torchvision_resnet()
+    if cnn is None:
+        raise ConfigError(f"backbone {backbone.name!r} is not a torchvision ResNet; torchvision and Detectron2 "
+                          "exports take torchvision ResNets only")
+    ours = {k: tuple(v.shape) for k, v in cnn.state_dict().items() if not k.endswith("num_batches_tracked")}
+    reference = {k: s for k, s in torchvision_reference(backbone).items() if not k.endswith("num_batches_tracked")}
+    if ours != reference:
+        diff = sorted(set(ours.items()) ^ set(reference.items()))[:1]
+        raise ConfigError(f"this {backbone.name} is not shaped like torchvision's (first difference: {diff}); "
+                          "model.small_stem, model.visual_width or GroupNorm backbones cannot be exported "
+                          "to torchvision or Detectron2")
+
+
+def _from_config(name: str, model_cfg: ModelConfig, image_size: int) -> ResNetBackbone:
+    if model_cfg.pool != "avg":
+        raise ConfigError(f"model.pool={model_cfg.pool!r} needs a backbone with a class token; {name} has none "
+                          "(ResNets pool by global average: model.pool=avg)")
+    return build_backbone(name, small_stem=model_cfg.small_stem, stem_stride=model_cfg.stem_stride,
                           width=model_cfg.visual_width, zero_init_residual=model_cfg.zero_init_residual,
                           norm=model_cfg.visual_norm)
 
 
-def list_backbones() -> list[str]:
-    return BACKBONES.names()
+for _name in RESNETS:
+    BACKBONES.register(_name)(_from_config)
 
-
-__all__ = ["BACKBONES", "VisualBackbone", "build_backbone", "build_visual", "list_backbones"]
+__all__ = ["NORM_LAYERS", "RESNETS", "ResNetBackbone", "ScaledResNet", "VisualBackbone", "build_backbone"]

@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from capvis.data.world.grammar import RELATION_MARGIN
-from capvis.data.world.scene import WorldObject
-from capvis.data.world.vocab import COLOR_NAMES, SHAPES, color_shape_classes
+from capvis.world.grammar import RELATION_MARGIN
+from capvis.world.scene import WorldObject
+from capvis.world.vocab import COLOR_NAMES, SHAPES, color_shape_classes
 
 LARGEST_RATIO = 1.3
 

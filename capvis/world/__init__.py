@@ -9,12 +9,12 @@ function of ``(seed, split, index)``.
 
 from __future__ import annotations
 
-from capvis.data.world.export import label_tasks, write_world
-from capvis.data.world.fine import FINE_TASKS, fine_labels
-from capvis.data.world.grammar import CAPTIONS_PER_IMAGE, captions, relations
-from capvis.data.world.render import render
-from capvis.data.world.scene import Background, Scene, WorldObject, caption_rng, flip_scene, generate_scene
-from capvis.data.world.vocab import COLOR_NAMES, COLORS, SHAPES, SIZES
+from capvis.world.export import label_tasks, write_world
+from capvis.world.fine import FINE_TASKS, fine_labels
+from capvis.world.grammar import CAPTIONS_PER_IMAGE, captions, relations
+from capvis.world.render import render
+from capvis.world.scene import Background, Scene, WorldObject, caption_rng, flip_scene, generate_scene
+from capvis.world.vocab import COLOR_NAMES, COLORS, SHAPES, SIZES
 
 __all__ = [
     "CAPTIONS_PER_IMAGE", "COLORS", "COLOR_NAMES", "FINE_TASKS", "SHAPES", "SIZES", "Background", "Scene",

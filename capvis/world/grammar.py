@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from capvis.data.world.scene import Scene, WorldObject
-from capvis.data.world.vocab import BACKGROUND_WORDS, NUMBER_WORDS, SHAPE_WORDS, SIZE_WORDS, plural
+from capvis.world.scene import Scene, WorldObject
+from capvis.world.vocab import BACKGROUND_WORDS, NUMBER_WORDS, SHAPE_WORDS, SIZE_WORDS, plural
 
 CAPTIONS_PER_IMAGE = 5
 RELATION_MARGIN = 0.12  # fraction of the image side two centres must differ by for left/right/above/below

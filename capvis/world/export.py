@@ -24,11 +24,11 @@ from pathlib import Path
 from PIL import Image
 
 from capvis.data.labels import write_label_file
-from capvis.data.world.fine import FINE_TASKS, fine_labels
-from capvis.data.world.grammar import captions
-from capvis.data.world.render import render
-from capvis.data.world.scene import caption_rng, generate_scene
-from capvis.data.world.vocab import COLOR_NAMES, COUNT_CLASSES, SHAPES, color_shape_classes
+from capvis.world.fine import FINE_TASKS, fine_labels
+from capvis.world.grammar import captions
+from capvis.world.render import render
+from capvis.world.scene import caption_rng, generate_scene
+from capvis.world.vocab import COLOR_NAMES, COUNT_CLASSES, SHAPES, color_shape_classes
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _coco_files(records: list[dict], image_size: int, seed: int, split: str) -> 
 
 def label_tasks() -> dict[str, list[str]]:
     """Class names of CaptionWorld's downstream tasks: multi-label ``shape`` (8) and ``color_shape`` (80),
-    single-label ``count`` (4) and the fine-grained single-label tasks of :mod:`capvis.data.world.fine`."""
+    single-label ``count`` (4) and the fine-grained single-label tasks of :mod:`capvis.world.fine`."""
     tasks = {"shape": list(SHAPES), "color_shape": color_shape_classes(), "count": list(COUNT_CLASSES)}
     return {**tasks, **{name: list(task.classes) for name, task in FINE_TASKS.items()}}
 

@@ -1,7 +1,7 @@
 """The fixed vocabulary of CaptionWorld: shapes, colours, sizes, their words and how often each appears.
 
 These tables define the world, so they are constants: changing one changes every generated image,
-caption and label file. Shape outlines live in :mod:`capvis.data.world.shapes`. Colour names have no
+caption and label file. Shape outlines live in :mod:`capvis.world.shapes`. Colour names have no
 synonyms on purpose (a colour-shape class must be recoverable from the text), while shape nouns,
 size adjectives and sentence openers do, so the captions are varied but never ambiguous.
 

@@ -13,8 +13,8 @@ from functools import cached_property
 
 import numpy as np
 
-from capvis.data.world.shapes import EXTENT, UNIT_AREA, placed_outlines
-from capvis.data.world.vocab import (BACKGROUNDS, COLOR_NAMES, COLORS, COMBO_WEIGHTS, MAX_OBJECTS, SHAPES,
+from capvis.world.shapes import EXTENT, UNIT_AREA, placed_outlines
+from capvis.world.vocab import (BACKGROUNDS, COLOR_NAMES, COLORS, COMBO_WEIGHTS, MAX_OBJECTS, SHAPES,
                                     SIZE_RADIUS)
 
 MAX_OVERLAP = 0.1  # largest fraction of the smaller box that another object's box may cover
@@ -80,7 +80,7 @@ def stream_rng(seed: int, split: str, index: int, stream: int) -> np.random.Gene
 
 
 def caption_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """The generator :func:`capvis.data.world.grammar.captions` uses for image ``index`` of ``split``."""
+    """The generator :func:`capvis.world.grammar.captions` uses for image ``index`` of ``split``."""
     return stream_rng(seed, split, index, _STREAM_CAPTIONS)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from capvis.data.world.scene import Background, Scene, WorldObject
+from capvis.world.scene import Background, Scene, WorldObject
 
 SUPERSAMPLE = 4
 
