@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from capvis.config import load_config
-from capvis.data.datasets import collate_captions
+from capvis.data.device_decode import decode_on_device
+from capvis.data.streaming import collate_stream
 from capvis.data.shards import expand_pattern, is_shard_pattern, iter_tar_samples
 from capvis.data.tokenizer import Tokenizer, train_tokenizer
 from capvis.train.distributed import DistInfo
@@ -78,13 +80,15 @@ def build_loader(args: argparse.Namespace, tokenizer: Tokenizer):
 
     cfg = load_config(None, [f"data.train={args.data}", f"data.num_workers={args.workers}",
                              f"data.image_size={args.image_size}", f"train.batch_size={args.batch_size}",
+                             f"data.decode_device={args.decode_device}",
                              *([f"data.train_images={args.images}"] if args.images else [])])
     if not is_shard_pattern(args.data):
         return pipeline.build_train_loader(cfg, tokenizer, DistInfo()), "folder"
-    stream = pipeline.build_shard_stream(cfg, "train", tokenizer, DistInfo())
+    device = torch.device(args.decode_device)
+    stream = pipeline.build_shard_stream(cfg, "train", tokenizer, DistInfo(device=device))
     stream.draft = not args.no_draft
     return make_stream_loader(stream, batch_size=args.batch_size, num_workers=args.workers,
-                              collate=collate_captions), "shards"
+                              collate=collate_stream), "shards"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthesize", metavar="DIR", help="write a COCO-like synthetic set to DIR and exit")
     p.add_argument("--count", type=int, default=500, help="images for --synthesize")
     p.add_argument("--synthetic", type=int, metavar="N", help="bench N synthesized images in a temporary folder")
+    p.add_argument("--decode-device", default="cpu", choices=("cpu", "cuda"),
+                   help="shards: data.decode_device (cuda: JPEGs decoded a batch at a time on the GPU; "
+                        "--synthetic then writes shards)")
     args = p.parse_args(argv)
     if args.synthesize:
         print(synthesize(Path(args.synthesize), args.count))
@@ -108,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.synthetic:
         with tempfile.TemporaryDirectory() as tmp:
             args.data = str(synthesize(Path(tmp), args.synthetic))
+            if args.decode_device != "cpu":  # device decoding reads shards
+                from capvis.data.shards import write_shards_from_annotations
+
+                manifest = write_shards_from_annotations(args.data, Path(tmp) / "shards", shard_size=256)
+                args.data = str(Path(tmp) / "shards" / manifest["pattern"])
             return bench(args)
     if not args.data:
         p.error("--data is required")
@@ -126,13 +138,17 @@ def bench(args: argparse.Namespace) -> int:
     for _ in range(args.warmup_batches):  # worker start-up and first prefetch are not throughput
         next(batches)
     start = time.perf_counter()
-    images = sum(next(batches)["image"].shape[0] for _ in range(args.batches))
+    device = torch.device(args.decode_device)
+    images = sum(decode_on_device(next(batches), device)["image"].shape[0] for _ in range(args.batches))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     rate = images / elapsed
     result = {"images_per_s": round(rate, 1), "images_per_s_per_worker": round(rate / max(args.workers, 1), 1),
               "source": source, "workers": args.workers, "image_size": args.image_size,
               "batch_size": args.batch_size, "batches": args.batches,
-              "draft": source == "shards" and not args.no_draft, "data": args.data}
+              "draft": source == "shards" and not args.no_draft, "decode_device": args.decode_device,
+              "data": args.data}
     print(json.dumps(result))
     return 0
 

@@ -4,7 +4,8 @@
 #   train     bench/train_step.py: img/s and peak memory of bicaptioning_R_50_L1_H2048 at batch 64 and 256,
 #             fp32, bf16, bf16+channels_last, bf16+channels_last+compile (inductor)
 #   ac        the same step at batch 256 with model.activation_checkpointing (peak memory with and without)
-#   loader    bench/dataloader.py: the training loader's img/s on synthetic COCO-sized JPEGs (CPU decoding)
+#   loader    bench/dataloader.py: the training loader's img/s on synthetic COCO-sized JPEGs, CPU decoding in
+#             the workers and (loader_gpu) shards decoded on the GPU with data.decode_device=cuda
 #   svm       bench/voc07_svm.py: the VOC07 SVM protocol on VOC-sized features, batched solver on the GPU
 #   decode    bench/decode.py: beam-search captioning img/s
 # A piece that fails or runs out of its time prints {"bench": ..., "error": ...} and the rest still run;
@@ -62,7 +63,7 @@ else
           --warmup-batches 2 --image-size 224)
   SVM=(--device cuda)
   DECODE=(--batch-size 32 --beam-size 5 --max-steps 30 --repeats 3 --warmup 1)
-  LIMITS=(270 40 60 40 60)
+  LIMITS=(240 40 50 40 50)
 fi
 CONFIG=bicaptioning_R_50_L1_H2048
 
@@ -76,6 +77,9 @@ run train "${LIMITS[0]}" bench/train_step.py --config "$CONFIG" --device "$DEVIC
   --variants fp32 bf16 bf16+channels_last bf16+channels_last+compile
 run ac "${LIMITS[1]}" bench/train_step.py --config "$CONFIG" --device "$DEVICE" "${AC[@]}" --variants bf16+channels_last+ac
 run loader "${LIMITS[2]}" bench/dataloader.py "${LOADER[@]}"
+if [ "$DRY" -eq 0 ]; then  # GPU decoding needs the GPU: not part of the CPU dry run
+  run loader_gpu "${LIMITS[2]}" bench/dataloader.py "${LOADER[@]}" --decode-device cuda
+fi
 run svm "${LIMITS[3]}" bench/voc07_svm.py "${SVM[@]}"
 run decode "${LIMITS[4]}" bench/decode.py --config "$CONFIG" --device "$DEVICE" "${DECODE[@]}"
 exit "$STATUS"

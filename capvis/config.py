@@ -41,6 +41,7 @@ class DataConfig:
     hflip_p: float = 0.5
     max_bad_fraction: float = 0.01  # fail once more than this share of samples is unreadable
     shuffle_buffer: int = 1000  # streaming (shard) datasets only
+    decode_device: str = "cpu"  # shards: cpu (loader workers) | cuda (JPEGs decoded a batch at a time on the GPU)
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.strategy": ("ddp", "fsdp"),
+    "data.decode_device": ("cpu", "cuda"),
 }
 
 
@@ -310,7 +312,7 @@ def validate(cfg: Config) -> Config:
     """Reject impossible combinations and fill in derived values."""
     flat = {"train.optimizer": cfg.train.optimizer, "train.schedule": cfg.train.schedule,
             "train.precision": cfg.train.precision, "train.device": cfg.train.device,
-            "train.strategy": cfg.train.strategy}
+            "train.strategy": cfg.train.strategy, "data.decode_device": cfg.data.decode_device}
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {flat[key]!r}")

@@ -101,6 +101,15 @@ def test_five_distinct_captions_and_object_counts() -> None:
     assert set(counts) == {1, 2, 3, 4}
 
 
+def test_every_caption_names_a_colour_or_a_shape() -> None:
+    """No hedging caption ("a single shape on a fading background"): each one carries a visual attribute."""
+    attributes = set(COLORS) | {w for words in SHAPE_WORDS.values() for w in words}
+    attributes |= {plural(w) for w in attributes}
+    for _, caps in _scenes():
+        for caption in caps:
+            assert attributes & set(caption.replace(",", " ").replace(":", " ").split()), caption
+
+
 def test_spatial_words_are_true_and_survive_a_flip_with_word_swap() -> None:
     checked = 0
     for scene, caps in _scenes():

@@ -186,11 +186,12 @@ def collate_captions(samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
     for row, s in enumerate(samples):
         tokens[row, : len(s["caption_tokens"])] = s["caption_tokens"]
     batch = {
-        "image": torch.stack([s["image"] for s in samples]),  # (B, 3, S, S)
         "caption_tokens": tokens,
         "caption_lengths": lengths,
         "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.long),
     }
+    if "image" in samples[0]:  # a stream with data.decode_device ships bytes instead (capvis.data.device_decode)
+        batch["image"] = torch.stack([s["image"] for s in samples])  # (B, 3, S, S)
     if all("categories" in s for s in samples):
         batch["categories"] = torch.stack([s["categories"] for s in samples])  # (B, K)
     return batch

@@ -78,7 +78,15 @@ def build_shard_stream(cfg: Config, split: str, tokenizer: Tokenizer, info: Dist
                        rank=info.rank, world_size=info.world_size, shuffle=train, shuffle_buffer=d.shuffle_buffer,
                        start_iteration=start_iteration, batch_size=local_batch_size(cfg, info.world_size),
                        infinite=train, one_caption_per_image=d.one_caption_per_image,
-                       max_bad_fraction=d.max_bad_fraction)
+                       max_bad_fraction=d.max_bad_fraction, decode_device=_decode_device(d.decode_device, info))
+
+
+def _decode_device(name: str, info: DistInfo) -> str:
+    """``data.decode_device``, checked against the training device in one line."""
+    if name != "cpu" and info.device.type != name:
+        raise ConfigError(f"data.decode_device={name} needs training on {name}; this process trains on "
+                          f"{info.device.type} (set data.decode_device=cpu)")
+    return name
 
 
 def build_train_loader(cfg: Config, tokenizer: Tokenizer | None, info: DistInfo, *,

@@ -60,6 +60,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from capvis.data.datasets import assemble_sample, choose_caption, collate_captions, sample_seed
+from capvis.data.device_decode import PLAN_KEY, RAW_KEY, collate_deferred, defer_sample
 from capvis.data.decode import checked_size, decode_image, decode_with_pil
 from capvis.data.robust import BadSampleBudget
 from capvis.data.shards import IMAGE_EXTENSIONS, TarSample, iter_tar_samples, shard_counts
@@ -138,7 +139,7 @@ class ShardStream(IterableDataset):
                  *, max_caption_length: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  shuffle_buffer: int = 1000, start_iteration: int = 0, batch_size: int = 1, infinite: bool = True,
                  one_caption_per_image: bool = False, draft: bool = True, counts: Sequence[int] | None = None,
-                 max_bad_fraction: float = 0.01) -> None:
+                 max_bad_fraction: float = 0.01, decode_device: str = "cpu") -> None:
         self.shards = [str(s) for s in shards]
         self.counts = list(counts) if counts is not None else shard_counts(self.shards)
         if sum(self.counts) == 0:
@@ -149,6 +150,8 @@ class ShardStream(IterableDataset):
         self.shuffle, self.shuffle_buffer = shuffle, max(1, shuffle_buffer)
         self.start_iteration, self.batch_size, self.infinite = start_iteration, batch_size, infinite
         self.one_caption_per_image, self.draft = one_caption_per_image, draft
+        # data.decode_device: training samples carry bytes + plan, decoded a batch at a time on the device
+        self.defer = decode_device != "cpu" and isinstance(transform, TrainTransform)
         self.budget = BadSampleBudget(max_bad_fraction)  # per process: each worker has its own copy
         self._worker = 0
 
@@ -266,10 +269,23 @@ class ShardStream(IterableDataset):
         ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         if ext is None:
             raise DataError(f"no image member (has {sorted(members)})")
+        if self.defer:
+            return self._deferred(members[ext], f"{key}.{ext}", caption, generator,
+                                  image_id if image_id is not None else number)
         image = self._image(members[ext], f"{key}.{ext}", generator)
         return assemble_sample(image, caption, transform=self.transform, generator=generator,
                                tokenizer=self.tokenizer, max_caption_length=self.max_caption_length,
                                image_id=image_id if image_id is not None else number, culprit=f"{key}.{ext}")
+
+    def _deferred(self, data: bytes, name: str, caption: str, generator: torch.Generator,
+                  image_id: int) -> dict[str, Any]:
+        """The sample with its image still to decode: bytes (or a CPU-decoded image) and the plan."""
+        raw, (height, width) = defer_sample(data, name)
+        plan, caption = self.transform.plan(height, width, caption, generator)
+        sample = assemble_sample(raw, caption, transform=_unchanged, generator=generator, tokenizer=self.tokenizer,
+                                 max_caption_length=self.max_caption_length, image_id=image_id, culprit=name)
+        sample[RAW_KEY], sample[PLAN_KEY] = sample.pop("image"), plan
+        return sample
 
     def _image(self, data: bytes, name: str, generator: torch.Generator) -> Tensor:
         if self.draft and data and name.endswith((".jpg", ".jpeg")) and isinstance(self.transform, TrainTransform):
@@ -333,10 +349,16 @@ def decode_draft(data: bytes, transform: TrainTransform, generator: torch.Genera
     return decode_with_pil(data, name, scale=scale)
 
 
+def _unchanged(image: Tensor) -> Tensor:
+    return image
+
+
 def collate_stream(samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
     """:func:`collate_captions` plus ``data_stats``: (worker, bad, seen) counts of the worker that made
     the batch, as of its last sample (the training loop sums the latest counts of every worker)."""
     batch = collate_captions(samples)
+    if PLAN_KEY in samples[0]:
+        batch.update(collate_deferred(samples))
     batch["data_stats"] = torch.tensor(samples[-1]["data_stats"], dtype=torch.long)  # (3,)
     return batch
 

@@ -76,17 +76,21 @@ class TrainTransform(PairTransform):
         self.color_jitter_p = color_jitter_p
 
     def __call__(self, image: Tensor, caption: str, generator: torch.Generator) -> tuple[Tensor, str]:
-        top, left, h, w = self.crop_params(image.shape[-2], image.shape[-1], generator)
-        image = F.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+        plan, caption = self.plan(image.shape[-2], image.shape[-1], caption, generator)
+        return apply_plan(image, plan), caption
+
+    def plan(self, height: int, width: int, caption: str, generator: torch.Generator) -> tuple[Tensor, str]:
+        """Every random decision for an image of ``height`` x ``width``, as a (15,) float64 tensor that
+        :func:`apply_plan` carries out on any device (so a worker can plan and a GPU decode and apply);
+        the caption comes back with left/right swapped when the plan flips."""
+        top, left, h, w = self.crop_params(height, width, generator)
         flip = float(torch.rand((), generator=generator)) < self.hflip_p
         jitter = float(torch.rand((), generator=generator)) < self.color_jitter_p
         order, factors = self.jitter_params(generator)  # always drawn: outcomes never shift later draws
         if flip:
-            image = F.horizontal_flip(image)
             caption = swap_left_right(caption)
-        if jitter:
-            image = _apply_jitter(image, order, factors)
-        return normalize(image), caption
+        values = [top, left, h, w, float(flip), float(jitter), *order, *factors, self.size]
+        return torch.tensor(values, dtype=torch.float64), caption
 
     def crop_params(self, height: int, width: int, g: torch.Generator) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop.get_params, drawing from ``g``: (top, left, h, w)."""
@@ -115,6 +119,19 @@ class TrainTransform(PairTransform):
         factors = (_uniform(g, max(0.0, 1 - b), 1 + b), _uniform(g, max(0.0, 1 - c), 1 + c),
                    _uniform(g, max(0.0, 1 - s), 1 + s), _uniform(g, -hue, hue))
         return order, factors
+
+
+def apply_plan(image: Tensor, plan: Tensor) -> Tensor:
+    """uint8 (3, H, W) -> the normalized (3, S, S) crop :meth:`TrainTransform.plan` decided, on the image's device."""
+    values = plan.tolist()
+    top, left, h, w, flip, jitter = (int(v) for v in values[:6])
+    order, factors, size = [int(v) for v in values[6:10]], tuple(values[10:14]), int(values[14])
+    image = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    if flip:
+        image = F.horizontal_flip(image)
+    if jitter:
+        image = _apply_jitter(image, order, factors)
+    return normalize(image)
 
 
 def _apply_jitter(image: Tensor, order: list[int], factors: tuple[float, float, float, float]) -> Tensor:

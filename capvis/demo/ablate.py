@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 RANDOM = "random_init"
 DEFAULT_TASKS = ("bicaptioning", "captioning", "token_classification", "multilabel_classification", "masked_lm",
                  "contrastive", RANDOM)
-# the rest of the image-text family: in the default list of the largest budget only (each costs about
-# as much as bicaptioning, coca a little more), selectable with --tasks at any budget
+# the rest of the image-text family: in the default list of the largest budget only (two more runs, about
+# 2/7 more time there), selectable with --tasks at any budget
 FAMILY_TASKS = ("coca", "siglip")
 # named task variants without a task class of their own: name -> (registered task, fixed overrides)
 ALIASES: dict[str, tuple[str, dict[str, str]]] = {"siglip": ("contrastive", {"model.contrastive.loss": "siglip"})}

@@ -179,11 +179,11 @@ def family_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     n_templates = len(TEMPLATES)
     n_zeroshot = max((int(r["zeroshot_images"]) for r in rows if r.get("zeroshot_images") not in ("", None)),
                      default=0)
-    intro = (f"The runs whose task embeds images and text (contrastive, siglip, coca) are scored by **embedding** "
-             f"cosine, those whose task gives caption likelihoods (captioning, bicaptioning) by **likelihood** "
-             f"(the `method` column); CoCa, which has both, by embedding. A blank cell: the task can do neither "
-             f"(or, for mAP, the label task is single-label). Final checkpoint only; percentages, mean ± std "
-             f"over seeds.")
+    intro = ("The runs whose task embeds images and text (contrastive, siglip, coca) are scored by **embedding** "
+             "cosine, those whose task gives caption likelihoods (captioning, bicaptioning) by **likelihood** "
+             "(the `method` column); CoCa, which has both, by embedding. A blank cell: the task can do neither "
+             "(or, for mAP, the label task is single-label). Final checkpoint only; percentages, mean ± std "
+             "over seeds.")
     zs_words = (f"No label is trained on: class names in the template{'s' * (n_templates > 1)} "
                 f"{', '.join(f'`{t}`' for t in TEMPLATES)}, scored on the first {n_zeroshot} test images (at "
                 f"most {ZEROSHOT_IMAGES}; per task, those with a label). Top-1 counts a multi-label image when "

@@ -40,6 +40,7 @@ from capvis.config import Config, dump_config
 from capvis.data.robust import BadSampleTally, unwrap_worker_error
 from capvis.data.shards import is_shard_pattern
 from capvis.data.streaming import ShardStream, check_resume_split, stream_split
+from capvis.data.device_decode import decode_on_device
 from capvis.data.tokenizer import vocab_size_of
 from capvis.errors import CapvisError, CheckpointError, ConfigError, DataError
 from capvis.models.checkpointing import set_activation_checkpointing
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 
 def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    batch = decode_on_device(batch, device)  # a stream's deferred JPEGs (data.decode_device): decoded there
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):

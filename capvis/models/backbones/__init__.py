@@ -1,4 +1,5 @@
-"""Visual backbones behind one contract (:mod:`.base`); each family registers itself on import.
+"""Visual backbones behind one contract (:mod:`.base`); each family registers itself on import, and every
+module of this package is imported here, so a new family is one new file.
 
 * :mod:`.resnet`: torchvision ResNets (the paper's), by plain name: ``resnet50``.
 * :mod:`.timm_family`: any timm model with the features contract: ``timm/vit_small_patch16_224``.
@@ -6,9 +7,12 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import TYPE_CHECKING
 
-from capvis.models.backbones import resnet, timm_family  # noqa: F401  (registration)
+for _module in pkgutil.iter_modules(__path__):  # registration: resnet, timm_family, and any new family
+    importlib.import_module(f"{__name__}.{_module.name}")
 from capvis.models.backbones.base import BACKBONES, FAMILIES, Backbone, build_visual_by_name, list_backbones
 from capvis.models.backbones.resnet import NORM_LAYERS, ResNetBackbone, VisualBackbone, build_backbone
 from capvis.models.backbones.timm_family import TimmBackbone
