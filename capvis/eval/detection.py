@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from capvis.errors import CheckpointError, ConfigError, DataError
+from capvis.tasks.base import TaskOutput
 
 log = logging.getLogger(__name__)
 
@@ -201,34 +202,44 @@ def solver(model: nn.Module, *, lr: float, iterations: int, warmup: int = 1000, 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+class _DetectionObjective(nn.Module):
+    """torchvision's detector loss dict as a TaskOutput, so detection steps with ``train_step``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> TaskOutput:
+        losses = self.model(batch["images"], batch["targets"])
+        return TaskOutput(loss=sum(losses.values()), logs={k: v.detach() for k, v in losses.items()})
+
+
 def train_detector(model: nn.Module, dataset: CocoInstances, *, iterations: int, batch_size: int, lr: float,
                    device: torch.device, warmup: int = 1000, num_workers: int = 2, seed: int = 0) -> dict[str, float]:
-    """Iteration-based training; non-finite losses skip their step. Returns the last losses."""
-    model.to(device).train()
+    """Iteration-based training with the trainer's ``train_step`` (a non-finite loss or gradient skips
+    its update); returns the last losses and the number of skipped steps."""
+    from capvis.train.precision import resolve_precision
+    from capvis.train.step import train_step
+
+    objective = _DetectionObjective(model.to(device)).train()
     opt, sched = solver(model, lr=lr, iterations=iterations, warmup=warmup)
+    prec = resolve_precision("fp32", device)
+    scaler = prec.scaler()
     batches = _batches(dataset, batch_size, num_workers, seed)
-    last: dict[str, float] = {}
-    skipped = 0
+    skipped = torch.zeros((), dtype=torch.long, device=device)
     for it in range(iterations):
         images, targets = next(batches)
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        losses = model(images, targets)
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            opt.step()
-        else:
-            skipped += 1
-        sched.step()
-        last = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(loss.detach())}
+        batch = {"images": [im.to(device, non_blocking=True) for im in images],
+                 "targets": [{k: v.to(device) for k, v in t.items()} for t in targets]}
+        step = train_step(objective, batch, opt, sched, scaler, prec)
+        skipped += step.skipped
         if (it + 1) % 20 == 0 or it + 1 == iterations:
-            log.info("detect iteration %d/%d: loss %.4f, lr %.4g", it + 1, iterations, last["loss"],
+            log.info("detect iteration %d/%d: loss %.4f, lr %.4g", it + 1, iterations, float(step.loss),
                      sched.get_last_lr()[0])
-    if skipped:
-        log.warning("%d of %d iterations had a non-finite loss and were skipped", skipped, iterations)
-    return last | {"skipped_steps": skipped}
+    last = {k: float(v) for k, v in step.logs.items()} | {"loss": float(step.loss)}
+    if int(skipped):
+        log.warning("%d of %d iterations had a non-finite loss or gradient and were skipped", int(skipped), iterations)
+    return last | {"skipped_steps": int(skipped)}
 
 
 @torch.no_grad()

@@ -18,10 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from capvis.eval.linear import evaluate, image_folders, loader, new_head
-from capvis.tasks.base import TaskOutput
+from capvis.eval.linear import Supervised, evaluate, image_folders, loader, new_head, supervised_epochs
 from capvis.train.precision import resolve_precision
-from capvis.train.step import train_step
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +42,6 @@ class ClassifierNet(nn.Module):
         head = self.backbone.classifier_name
         state.update({f"{head}.{k}": v.detach().cpu() for k, v in self.fc.state_dict().items()})
         return state
-
-
-class _Supervised(nn.Module):
-    """``{"image", "target"}`` -> cross-entropy as a TaskOutput, so fine-tuning steps with ``train_step``."""
-
-    def __init__(self, net: ClassifierNet) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, batch: dict[str, Tensor]) -> TaskOutput:
-        return TaskOutput(loss=nn.functional.cross_entropy(self.net(batch["image"]), batch["target"]), logs={})
 
 
 def multistep_lambda(total: int, milestones: tuple[float, ...] = (0.7, 0.9), gamma: float = 0.1):
@@ -80,20 +67,13 @@ def finetune_classify(backbone: nn.Module, train_dir: str | Path, val_dir: str |
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     prec = resolve_precision(precision, device)
-    scaler = prec.scaler()
     train_loader = loader(train, batch_size, shuffle=True, num_workers=num_workers, seed=seed)
     total = epochs * len(train_loader)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, multistep_lambda(total, milestones))
-    objective = _Supervised(net).train()  # BatchNorm in train mode: statistics adapt to the new data
-    skipped = torch.zeros((), dtype=torch.long, device=device)
-    for epoch in range(epochs):
-        for images, targets in train_loader:
-            batch = {"image": images.to(device, non_blocking=True), "target": targets.to(device, non_blocking=True)}
-            step = train_step(objective, batch, opt, sched, scaler, prec, clip_grad_norm=clip_grad_norm)
-            skipped += step.skipped
-        log.info("finetune epoch %d/%d: loss %.4f, lr %.4g, %d non-finite steps skipped", epoch + 1, epochs,
-                 float(step.loss), sched.get_last_lr()[0], int(skipped))
+    # BatchNorm in train mode (Supervised.train): statistics adapt to the new data
+    supervised_epochs(Supervised(net), train_loader, opt, sched, epochs=epochs, device=device,
+                      precision=precision, clip_grad_norm=clip_grad_norm, name="finetune")
     net.eval()
 
     def predict(x: Tensor) -> Tensor:

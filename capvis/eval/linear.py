@@ -34,6 +34,7 @@ from capvis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_trans
 from capvis.errors import DataError
 from capvis.eval.features import default_resize, stage_features
 from capvis.eval.probe import WEIGHT_DECAYS, probe_accuracy
+from capvis.tasks.base import TaskOutput
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,50 @@ def loader(dataset: Any, batch_size: int, *, shuffle: bool, num_workers: int, se
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
+class Supervised(nn.Module):
+    """A classifier's cross-entropy on ``{"image", "target"}`` as a TaskOutput, so the evaluation
+    protocols that train (linear probe, fine-tuning) step with the trainer's ``train_step``: the same
+    scaler, clipping and skipping of non-finite updates. ``frozen`` (with ``stage``): features are taken
+    from it without gradients first (the linear probe)."""
+
+    def __init__(self, net: nn.Module, frozen: nn.Module | None = None, stage: str | None = None) -> None:
+        super().__init__()
+        self.net, self.frozen, self.stage = net, frozen, stage
+
+    def train(self, mode: bool = True) -> "Supervised":
+        super().train(mode)
+        if self.frozen is not None:
+            self.frozen.eval()  # frozen means BatchNorm statistics too
+        return self
+
+    def forward(self, batch: dict[str, Tensor]) -> TaskOutput:
+        x = batch["image"]
+        if self.frozen is not None:
+            with torch.no_grad():
+                x = stage_features(self.frozen, x, self.stage)  # (B, C)
+        return TaskOutput(loss=nn.functional.cross_entropy(self.net(x), batch["target"]), logs={})
+
+
+def supervised_epochs(objective: nn.Module, train_loader: DataLoader, opt: torch.optim.Optimizer, sched: Any,
+                      *, epochs: int, device: torch.device, precision: str = "fp32", clip_grad_norm: float = 0.0,
+                      name: str = "train") -> None:
+    """``epochs`` passes of ``train_step`` over (images, targets) batches; logs loss, LR and skipped steps."""
+    from capvis.train.precision import resolve_precision
+    from capvis.train.step import train_step
+
+    prec = resolve_precision(precision, device)
+    scaler = prec.scaler()
+    skipped = torch.zeros((), dtype=torch.long, device=device)
+    objective.train()
+    for epoch in range(epochs):
+        for images, targets in train_loader:
+            batch = {"image": images.to(device, non_blocking=True), "target": targets.to(device, non_blocking=True)}
+            step = train_step(objective, batch, opt, sched, scaler, prec, clip_grad_norm=clip_grad_norm)
+            skipped += step.skipped
+        log.info("%s epoch %d/%d: loss %.4f, lr %.4g, %d non-finite steps skipped", name, epoch + 1, epochs,
+                 float(step.loss), sched.get_last_lr()[0], int(skipped))
+
+
 def _sgd(fc: nn.Module, lr: float, momentum: float, weight_decay: float, total: int):
     opt = torch.optim.SGD(fc.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
@@ -141,16 +186,8 @@ def linear_probe(backbone: nn.Module, train_dir: str | Path, val_dir: str | Path
     train_loader = loader(train, batch_size, shuffle=True, num_workers=num_workers, seed=seed)
     total = epochs * len(train_loader)
     opt, sched = _sgd(fc, lr, momentum, weight_decay, total)
-    for epoch in range(epochs):
-        for images, targets in train_loader:
-            with torch.no_grad():
-                feats = stage_features(backbone, images.to(device, non_blocking=True), stage)  # (B, C)
-            loss = nn.functional.cross_entropy(fc(feats), targets.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        log.info("linear probe epoch %d/%d: loss %.4f, lr %.4g", epoch + 1, epochs, loss.item(), sched.get_last_lr()[0])
+    supervised_epochs(Supervised(fc, frozen=backbone, stage=stage), train_loader, opt, sched, epochs=epochs,
+                      device=device, name="linear probe")
     metrics = evaluate(lambda x: fc(stage_features(backbone, x, stage)),
                        loader(val, batch_size, shuffle=False, num_workers=num_workers), device)
     return {**metrics, "protocol": "linear probe on augmented views (paper A.1)", "classes": len(train.classes),
