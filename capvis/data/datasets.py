@@ -80,10 +80,16 @@ def assemble_sample(image: Any, caption: str, *, transform: Callable, generator:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
             image = transform(image)
+    tokens = encode_caption(caption, tokenizer, max_caption_length, culprit)
+    return {"image": image, "caption_tokens": tokens, "image_id": image_id}
+
+
+def encode_caption(caption: str, tokenizer: Tokenizer, max_caption_length: int, culprit: str) -> Tensor:
+    """[SOS] ids [EOS] truncated to the maximum; a caption of unknown pieces only is a BadSampleError."""
     ids = [SOS_ID, *tokenizer.encode(caption), EOS_ID][:max_caption_length]
     if not tokenizer.decode(ids).strip():  # only <unk> and word-boundary pieces
         raise BadSampleError(f"{culprit}: caption {_short(caption)!r} encodes to no known word")
-    return {"image": image, "caption_tokens": torch.tensor(ids, dtype=torch.long), "image_id": image_id}
+    return torch.tensor(ids, dtype=torch.long)
 
 
 class CaptionDataset(Dataset):

@@ -71,9 +71,10 @@ def decode_image(raw: bytes, culprit: str) -> Tensor:
     return image
 
 
-def checked_size(raw: bytes, culprit: str) -> tuple[int, int] | None:
-    """``(width, height)`` from the header, BadSampleError if it claims more than MAX_PIXELS;
-    None when PIL cannot read the header (the decoder then judges the file)."""
+def checked_header(raw: bytes, culprit: str) -> tuple[int, int, int | None] | None:
+    """``(width, height, EXIF orientation)`` from one read of the header (orientation None when the
+    EXIF block cannot be read), BadSampleError if it claims more than MAX_PIXELS; None when PIL cannot
+    read the header (the decoder then judges the file)."""
     from PIL import Image
 
     try:
@@ -81,6 +82,10 @@ def checked_size(raw: bytes, culprit: str) -> tuple[int, int] | None:
             warnings.simplefilter("ignore")  # DecompressionBombWarning: judged below
             with Image.open(io.BytesIO(raw)) as im:  # reads the header only
                 width, height = im.size
+                try:
+                    orientation: int | None = int(im.getexif().get(0x0112, 1))
+                except Exception:  # a broken EXIF block says nothing about the pixel count
+                    orientation = None
     except Image.DecompressionBombError as exc:
         raise BadSampleError(f"image {culprit} is too large to decode ({exc})") from None
     except Exception:  # not a format PIL knows, or a broken header: the decoder will judge
@@ -88,7 +93,13 @@ def checked_size(raw: bytes, culprit: str) -> tuple[int, int] | None:
     if width * height > MAX_PIXELS:
         raise BadSampleError(f"image {culprit} claims {width}x{height} pixels, more than {MAX_PIXELS} "
                              "(a decompression bomb?)")
-    return width, height
+    return width, height, orientation
+
+
+def checked_size(raw: bytes, culprit: str) -> tuple[int, int] | None:
+    """``(width, height)`` of :func:`checked_header` (the pixel-count guard), None when unreadable."""
+    header = checked_header(raw, culprit)
+    return None if header is None else header[:2]
 
 
 def decode_with_pil(raw: bytes, culprit: str, *, scale: int | None = None) -> Tensor:
@@ -115,4 +126,4 @@ def decode_with_pil(raw: bytes, culprit: str, *, scale: int | None = None) -> Te
     return image if scale else image.contiguous()
 
 
-__all__ = ["MAX_PIXELS", "BadSampleError", "checked_size", "decode_image", "decode_with_pil", "load_image"]
+__all__ = ["MAX_PIXELS", "BadSampleError", "checked_header", "checked_size", "decode_image", "decode_with_pil", "load_image"]

@@ -16,13 +16,12 @@ so this is rare).
 from __future__ import annotations
 
 import warnings
-from io import BytesIO
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from capvis.data.decode import _JPEG_MAGIC, checked_size, decode_image
+from capvis.data.decode import _JPEG_MAGIC, checked_header, decode_image
 from capvis.data.transforms import apply_plan
 from capvis.errors import DataError
 
@@ -35,20 +34,10 @@ def plain_jpeg_size(data: bytes, culprit: str) -> tuple[int, int] | None:
     The pixel-count guard runs first (BadSampleError for a bomb)."""
     if not data.startswith(_JPEG_MAGIC):
         return None
-    size = checked_size(data, culprit)
-    if size is None:
+    header = checked_header(data, culprit)  # the guard, the size and the orientation, one header read
+    if header is None or header[2] != 1:  # rotated or mirrored on display: the CPU decoder applies it
         return None
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(BytesIO(data)) as im:
-                if im.getexif().get(0x0112, 1) != 1:  # rotated or mirrored on display: the CPU decoder applies it
-                    return None
-    except (OSError, ValueError, SyntaxError):
-        return None
-    return size[1], size[0]
+    return header[1], header[0]
 
 
 def defer_sample(data: bytes, culprit: str) -> tuple[Tensor, tuple[int, int]]:

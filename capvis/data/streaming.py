@@ -49,9 +49,7 @@ import hashlib
 import json
 import logging
 import random
-import warnings
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
@@ -59,9 +57,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from capvis.data.datasets import assemble_sample, choose_caption, collate_captions, sample_seed
+from capvis.data.datasets import assemble_sample, choose_caption, collate_captions, encode_caption, sample_seed
 from capvis.data.device_decode import PLAN_KEY, RAW_KEY, collate_deferred, defer_sample
-from capvis.data.decode import checked_size, decode_image, decode_with_pil
+from capvis.data.decode import checked_header, decode_image, decode_with_pil
 from capvis.data.robust import BadSampleBudget
 from capvis.data.shards import IMAGE_EXTENSIONS, TarSample, iter_tar_samples, shard_counts
 from capvis.data.tokenizer import Tokenizer, normalize_caption
@@ -282,10 +280,8 @@ class ShardStream(IterableDataset):
         """The sample with its image still to decode: bytes (or a CPU-decoded image) and the plan."""
         raw, (height, width) = defer_sample(data, name)
         plan, caption = self.transform.plan(height, width, caption, generator)
-        sample = assemble_sample(raw, caption, transform=_unchanged, generator=generator, tokenizer=self.tokenizer,
-                                 max_caption_length=self.max_caption_length, image_id=image_id, culprit=name)
-        sample[RAW_KEY], sample[PLAN_KEY] = sample.pop("image"), plan
-        return sample
+        return {RAW_KEY: raw, PLAN_KEY: plan, "image_id": image_id,
+                "caption_tokens": encode_caption(caption, self.tokenizer, self.max_caption_length, name)}
 
     def _image(self, data: bytes, name: str, generator: torch.Generator) -> Tensor:
         if self.draft and data and name.endswith((".jpg", ".jpeg")) and isinstance(self.transform, TrainTransform):
@@ -327,19 +323,12 @@ def decode_draft(data: bytes, transform: TrainTransform, generator: torch.Genera
     on the smaller image (same random numbers, so the same relative crop up to rounding). The
     pixel-count guard of :mod:`capvis.data.decode` runs first (BadSampleError for a bomb).
     """
-    from PIL import Image
-
-    if checked_size(data, name) is None:
+    header = checked_header(data, name)  # the guard and the size, one header read
+    if header is None or header[2] is None:
         return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning: checked_size judged it
-            with Image.open(BytesIO(data)) as im:
-                width, height = im.size
-                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees on display
-                    width, height = height, width
-    except (OSError, ValueError, SyntaxError):
-        return None
+    width, height, orientation = header
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees on display
+        width, height = height, width
     preview = torch.Generator()
     preview.set_state(generator.get_state())
     _, _, h, w = transform.crop_params(height, width, preview)
@@ -347,10 +336,6 @@ def decode_draft(data: bytes, transform: TrainTransform, generator: torch.Genera
     if scale == 1:  # at 1/2, PIL's reduced decode is no faster than torchvision's full one (measured)
         return None
     return decode_with_pil(data, name, scale=scale)
-
-
-def _unchanged(image: Tensor) -> Tensor:
-    return image
 
 
 def collate_stream(samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:

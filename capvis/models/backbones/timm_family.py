@@ -82,10 +82,11 @@ class TimmBackbone(Backbone):
     def intermediates(self, images: Tensor, stages: Sequence[str]) -> list[Tensor]:
         for stage in stages:
             self.check_stage(stage)
-        indices = [self.stages.index(s) for s in stages]
-        grids = self.model.forward_intermediates(images, indices=sorted(set(indices)), intermediates_only=True)
-        by_index = dict(zip(sorted(set(indices)), grids))
-        return [self._grid(by_index[i], images) if by_index[i].ndim == 4 else by_index[i] for i in indices]
+        wanted = sorted({self.stages.index(s) for s in stages})
+        # timm lays every intermediate out as NCHW (its default output_fmt; a ViT's on the patch grid)
+        grids = self.model.forward_intermediates(images, indices=wanted, intermediates_only=True)
+        by_index = dict(zip(wanted, grids))
+        return [by_index[self.stages.index(s)] for s in stages]
 
     def no_weight_decay(self) -> set[str]:
         listed = set(self.model.no_weight_decay()) if hasattr(self.model, "no_weight_decay") else set()
