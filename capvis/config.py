@@ -14,11 +14,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from capvis.errors import ConfigError
+from capvis.registry import Registry
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
@@ -55,43 +56,57 @@ class TextualConfig:
     parallel_fraction: float = 0.0  # captioning: share of samples trained by parallel prediction (CapPa: 0.75)
 
 
-@dataclass(frozen=True)
-class MaskedLMConfig:
-    mask_proportion: float = 0.15
-    mask_probability: float = 0.80  # of the selected tokens, replaced by [MASK]
-    replace_probability: float = 0.10  # of the selected tokens, replaced by a random token
+# ---------------------------------------------------------------------------------------------
+# Task sections: each pretext task owns the dataclass of its options and registers it here, so adding a
+# task never touches this file. Sections register when their package is imported; the first lookup of a
+# section imports capvis.tasks and the packages with a ``capvis.plugins`` entry point (third-party tasks).
+
+SECTIONS: Registry[type] = Registry("config section")
+PLUGIN_GROUP = "capvis.plugins"
+BUILTIN_PLUGINS = ("capvis.tasks",)
+_plugins_loaded = False
 
 
-@dataclass(frozen=True)
-class ContrastiveConfig:
-    embed_dim: int = 256
-    loss: str = "infonce"  # contrastive, coca: infonce (CLIP's batch softmax) | siglip (pairwise sigmoid)
-    init_temperature: float = 0.0  # 0: the loss's own (infonce 0.07 as CLIP; siglip 0.1, t' = log 10)
-    init_bias: float = -10.0  # siglip: initial logit bias b (SigLIP's -10)
-    text_encoder: str = ""  # icmlm: a capvis masked-LM checkpoint for the frozen text encoder
-    text_pool: str = "mean"  # text feature: mean (over non-pad tokens) | eos (the [EOS] / last token's state)
+def config_section(name: str) -> Callable[[type], type]:
+    """Class decorator: ``model.<name>`` in YAML and overrides, ``cfg.model.<name>`` in code.
+
+    A section may declare ``MOVED: ClassVar[dict[str, str]]`` (an old key of the section -> its new
+    place, ``other_section.key``), so configs saved before a key moved still load."""
+    def register(cls: type) -> type:
+        if not dataclasses.is_dataclass(cls) or name in _MODEL_FIELDS:
+            raise TypeError(f"config section {name!r}: a dataclass whose name is not a model field")
+        return SECTIONS.register(name)(cls)
+    return register
 
 
-@dataclass(frozen=True)
-class CocaConfig:
-    # coca: caption_weight * captioning + contrastive_weight * contrastive (open_clip's defaults 2 and 1);
-    # the contrastive side takes its sizes and loss from model.contrastive.
-    caption_weight: float = 2.0
-    contrastive_weight: float = 1.0
-    bidirectional: bool = False  # also a backward captioning head (VirTex's bicaptioning)
-    image_pool: str = "attention"  # image embedding: attention (one learned query, CoCa's) | mean (GAP)
+def _load_plugins() -> None:
+    """Import the packages that register task sections: capvis's own tasks, then every package that
+    declares a ``capvis.plugins`` entry point. Named here by string, as a plug-in to discover: this
+    module depends on none of their code (they import it), and runs this only on a section lookup."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import importlib
+    from importlib.metadata import entry_points
+
+    for name in BUILTIN_PLUGINS:
+        importlib.import_module(name)
+    for point in entry_points(group=PLUGIN_GROUP):
+        point.load()
 
 
-@dataclass(frozen=True)
-class ICMLMConfig:
-    # Checkpoint (masked_lm or contrastive, same vocabulary) whose text side becomes the frozen text
-    # encoder; "" falls back to model.contrastive.text_encoder, then to a random frozen encoder.
-    text_encoder: str = ""
+def section_class(name: str) -> type | None:
+    """The dataclass registered for ``model.<name>``, or None (plugins are loaded on the first miss)."""
+    if name not in SECTIONS:
+        _load_plugins()
+    return SECTIONS.get(name) if name in SECTIONS else None
 
 
-@dataclass(frozen=True)
-class ClassificationConfig:
-    loss: str = "softmax"  # token_classification: softmax (CE on 1/K targets, as VirTex) | bce (one-vs-all)
+def section_classes() -> dict[str, type]:
+    """Every registered task section, name -> dataclass, in name order."""
+    _load_plugins()
+    return {name: SECTIONS.get(name) for name in SECTIONS.names()}
 
 
 @dataclass(frozen=True)
@@ -108,11 +123,30 @@ class ModelConfig:
     vocab_size: int = 10000  # used only when data.vocab is not given
     num_categories: int = 80  # multilabel_classification
     textual: TextualConfig = field(default_factory=TextualConfig)
-    masked_lm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
-    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
-    icmlm: ICMLMConfig = field(default_factory=ICMLMConfig)
-    coca: CocaConfig = field(default_factory=CocaConfig)
-    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    # Task sections (model.masked_lm, model.contrastive, ...): owned and registered by their task modules
+    # (config_section); read as attributes, ``cfg.model.<name>``. Every registered section is present.
+    sections: tuple[tuple[str, Any], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        for key, value in object.__getattribute__(self, "sections"):
+            if key == name:
+                return value
+        cls = section_class(name)
+        if cls is None:
+            raise AttributeError(f"ModelConfig has no field or task section {name!r}")
+        return cls()
+
+
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "sections")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """A config dataclass's keys -> their types, as YAML sees them (ModelConfig: its task sections too)."""
+    hints = typing.get_type_hints(cls)
+    keys = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "sections" or cls is not ModelConfig}
+    return {**keys, **section_classes()} if cls is ModelConfig else keys
 
 
 @dataclass(frozen=True)
@@ -149,11 +183,16 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: _build_model({}, "model."))  # every section
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        """Plain nested dict; task sections appear under ``model`` by name, as in YAML."""
+        data = dataclasses.asdict(self)
+        data["model"].pop("sections")
+        for name in section_classes():
+            data["model"][name] = dataclasses.asdict(getattr(self.model, name))
+        return _to_plain(data)
 
 
 def _to_plain(obj: Any) -> Any:
@@ -251,17 +290,54 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Instantiate dataclass ``cls`` from ``data``, checking every key and type."""
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    if cls is ModelConfig:
+        return _build_model(data, prefix)
+    return cls(**_build_fields(cls, data, prefix))
+
+
+def _build_fields(cls: type, data: dict[str, Any], prefix: str, extra_names: tuple[str, ...] = ()
+                  ) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            hint = difflib.get_close_matches(key, names, n=1)
+            hint = difflib.get_close_matches(key, [*names, *extra_names], n=1)
             extra = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             raise ConfigError(f"unknown config key '{full}'{extra}")
         kwargs[key] = _coerce(hints[key], value, full)
-    return cls(**kwargs)
+    return kwargs
+
+
+def _build_model(data: dict[str, Any], prefix: str) -> "ModelConfig":
+    """ModelConfig: its own fields, plus every registered task section (given values over defaults)."""
+    if "sections" in data:
+        raise ConfigError(f"unknown config key '{prefix}sections'")
+    known = section_classes()
+    own = {k: v for k, v in data.items() if k not in known}
+    given = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items() if k in known}
+    for name in list(given):
+        if isinstance(given[name], dict):
+            given[name] = _moved(known[name], given[name], given)
+    kwargs = _build_fields(ModelConfig, own, prefix, tuple(known))
+    sections = tuple((name, build(section, given.get(name, {}), f"{prefix}{name}."))
+                     for name, section in known.items())
+    return ModelConfig(**kwargs, sections=sections)
+
+
+def _moved(section: type, value: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """Apply a section's ``MOVED`` keys (old key -> ``other_section.key``): a non-empty old value goes
+    to its new place unless that is set; the old key is dropped either way."""
+    for old, new in getattr(section, "MOVED", {}).items():
+        if old not in value:
+            continue
+        moved = value.pop(old)
+        head, _, leaf = new.partition(".")
+        target = given.setdefault(head, {})
+        if moved not in ("", None) and isinstance(target, dict) and not target.get(leaf):
+            target[leaf] = moved
+    return value
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

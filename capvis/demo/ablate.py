@@ -27,14 +27,13 @@ import json
 import logging
 import re
 import time
-import typing
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from capvis.config import Config, apply_overrides
+from capvis.config import Config, apply_overrides, field_types
 from capvis.demo.ablate_family import FAMILY_KEY, family_scores, with_family
 from capvis.demo.ablate_report import write_outputs
 from capvis.demo.stages import DemoSizes, demo_config, load_tokenizer, make_vocab, make_world, random_task
@@ -113,14 +112,13 @@ def split_list(text: str) -> list[str]:
 
 def _field_paths(cls: type = Config, prefix: str = "") -> dict[str, list[str]]:
     """Every leaf field name of the config -> its dotted paths."""
-    hints = typing.get_type_hints(cls)
     paths: dict[str, list[str]] = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            for name, found in _field_paths(hints[f.name], f"{prefix}{f.name}.").items():
+    for key, tp in field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            for name, found in _field_paths(tp, f"{prefix}{key}.").items():
                 paths.setdefault(name, []).extend(found)
         else:
-            paths.setdefault(f.name, []).append(f"{prefix}{f.name}")
+            paths.setdefault(key, []).append(f"{prefix}{key}")
     return paths
 
 

@@ -76,27 +76,6 @@ def caption_grid(pictures: Sequence[np.ndarray], captions: Sequence[str], truths
     return path
 
 
-def attention_figure(picture: np.ndarray, words: Sequence[str], maps: torch.Tensor, path: Path) -> Path:
-    """One panel per generated word: its cross-attention over the grid (mean over heads), upsampled
-    bilinearly to the image and overlaid (paper Figure 6)."""
-    size = picture.shape[:2]
-    up = torch.nn.functional.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    n = len(words) + 1
-    fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.2), dpi=100, squeeze=False)
-    axes[0, 0].imshow(picture)
-    axes[0, 0].set_title("image", fontsize=8)
-    for ax, word, heat in zip(axes[0, 1:], words, up):
-        ax.imshow(picture)
-        ax.imshow(heat.numpy(), cmap="jet", alpha=0.5)
-        ax.set_title(word, fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def _wrap(text: str, width: int = 44) -> str:
     words, lines, line = text.split(), [], ""
     for w in words:

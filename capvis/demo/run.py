@@ -12,8 +12,19 @@ import torch
 from capvis.data.annotations import read_records
 from capvis.demo import report
 from capvis.demo.caption_truth import caption_truth, world_objects
-from capvis.demo.stages import (DemoSizes, Timer, demo_config, label_evaluate, load_tokenizer, make_vocab,
-                                make_world, pretrain_backbone, random_task, write_json)
+from capvis.demo.stages import (
+    DemoSizes,
+    Timer,
+    demo_config,
+    label_evaluate,
+    load_tokenizer,
+    make_vocab,
+    make_world,
+    pretrain_backbone,
+    random_task,
+    write_json,
+)
+from capvis.eval.attention import save_attention, word_maps
 from capvis.train.loop import read_metrics
 
 log = logging.getLogger(__name__)
@@ -77,9 +88,9 @@ def _pictures(out: Path, task: Any, tokenizer: Any, world: Path, cfg: Any, sizes
     words_list, decoded, pictures = report.caption_images(task, tokenizer, [r.path for r in chosen],
                                                           cfg.data.image_size, max_steps=max_steps, attention=True)
     for k, (tokens, maps, picture) in enumerate(zip(decoded.tokens, decoded.attention or [], pictures)):
-        words = [tokenizer.id_to_piece(t).replace("\u2581", "") or "_" for t in tokens]
+        words, merged = word_maps([tokenizer.id_to_piece(t) for t in tokens], maps)
         name = f"attention_{k}.png"
-        report.attention_figure(picture, words, maps, out / name)
+        save_attention(out / name, picture, words, merged)
         attention_files.append(name)
     losses = [r["loss"] for r in metrics if "loss" in r]
     return {"captions": [{"file_name": r.path.name, "caption": c, "reference": r.captions[0]}

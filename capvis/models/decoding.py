@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capvis.data.tokenizer import EOS_ID, MASK_ID, PAD_ID, SOS_ID
 from capvis.errors import ConfigError
 from capvis.models.textual import DecodeCache
 
-SOS_ID, EOS_ID = 1, 2
-BANNED_IDS = (0, 1, 3)  # <unk>/padding, [SOS], [MASK]
+BANNED_IDS = (PAD_ID, SOS_ID, MASK_ID)  # never generated: <unk>/padding, [SOS], [MASK]
 
 
 class Decodable(Protocol):

@@ -16,13 +16,14 @@ cross-entropy against that target, so the gradients are the same as the original
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capvis.config import Config
+from capvis.config import Config, config_section
 from capvis.data.pipeline import CAPTION_KEYS, CATEGORY_KEY
 from capvis.data.tokenizer import EOS_ID, MASK_ID, PAD_ID, SOS_ID
 from capvis.errors import ConfigError, DataError
@@ -31,6 +32,14 @@ from capvis.tasks.base import TASKS, PretextTask, TaskOutput
 
 SPECIAL_IDS = (PAD_ID, SOS_ID, EOS_ID, MASK_ID)
 LOSSES = ("softmax", "bce")
+
+
+@config_section("classification")
+@dataclass(frozen=True)
+class ClassificationConfig:
+    """``model.classification``: the loss of token_classification."""
+
+    loss: str = "softmax"  # softmax (CE on 1/K targets, as VirTex) | bce (one-vs-all)
 
 
 class LinearHead(nn.Module):

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capvis.config import Config
+from capvis.config import Config, config_section
 from capvis.errors import ConfigError
 from capvis.models.attention import MultiheadAttention
 from capvis.models.backbones import Backbone, build_visual_for
@@ -42,6 +43,18 @@ from capvis.tasks.contrastive import ContrastiveObjective, build_text_encoder, c
 from capvis.tasks.protocols import CaptionHead
 
 IMAGE_POOLS = ("attention", "mean")
+
+
+@config_section("coca")
+@dataclass(frozen=True)
+class CocaConfig:
+    """``model.coca``: caption_weight * captioning + contrastive_weight * contrastive (open_clip's
+    defaults 2 and 1); the contrastive side takes its sizes and loss from ``model.contrastive``."""
+
+    caption_weight: float = 2.0
+    contrastive_weight: float = 1.0
+    bidirectional: bool = False  # also a backward captioning head (VirTex's bicaptioning)
+    image_pool: str = "attention"  # image embedding: attention (one learned query, CoCa's) | mean (GAP)
 
 
 class AttentionPool(nn.Module):

@@ -27,14 +27,15 @@ exactly the single-process loss and gradients on the concatenated batch.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capvis.config import Config, ContrastiveConfig
+from capvis.config import Config, config_section
 from capvis.data.tokenizer import PAD_ID
 from capvis.errors import ConfigError
 from capvis.models.backbones import Backbone, build_visual_for
@@ -44,6 +45,20 @@ from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
 MAX_LOGIT_SCALE = 100.0
 POOLING = ("eos", "mean")
 DEFAULT_TEMPERATURE = {"infonce": 0.07, "siglip": 0.1}  # CLIP's; SigLIP's t' = log 10
+
+
+@config_section("contrastive")
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """``model.contrastive``: embedding sizes and loss of the image-text objective (contrastive, coca)."""
+
+    MOVED: ClassVar[dict[str, str]] = {"text_encoder": "icmlm.text_encoder"}  # ICMLM's, before it had a section
+
+    embed_dim: int = 256
+    loss: str = "infonce"  # infonce (CLIP's batch softmax) | siglip (pairwise sigmoid)
+    init_temperature: float = 0.0  # 0: the loss's own (infonce 0.07 as CLIP; siglip 0.1, t' = log 10)
+    init_bias: float = -10.0  # siglip: initial logit bias b (SigLIP's -10)
+    text_pool: str = "mean"  # text feature: mean (over non-pad tokens) | eos (the [EOS] / last token's state)
 
 
 def gather_with_grad(x: Tensor) -> Tensor:

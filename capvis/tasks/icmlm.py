@@ -4,7 +4,8 @@ A pretrained text encoder, never updated, encodes the masked caption; a trainabl
 head (its tokens attend to each other and to the visual grid) predicts the masked words, so only the
 image can supply what the text model cannot guess. Masking is that of ``masked_lm``.
 
-The frozen encoder comes from ``model.icmlm.text_encoder`` (or ``model.contrastive.text_encoder``): a
+The frozen encoder comes from ``model.icmlm.text_encoder`` (the older spelling
+``model.contrastive.text_encoder`` is moved there when a config is read): a
 capvis checkpoint or run directory of ``masked_lm`` (its head's text side: embeddings, self-attention,
 feed-forward) or of ``contrastive`` (its text encoder), trained with the same vocabulary. With none,
 the encoder is random and frozen, with a warning: a control, not the method. Differences from the
@@ -14,12 +15,13 @@ published model are in ``docs/pretext_tasks.md``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from capvis.config import Config, MaskedLMConfig, TextualConfig, config_from_dict
+from capvis.config import Config, TextualConfig, config_from_dict, config_section
 from capvis.data.tokenizer import PAD_ID
 from capvis.errors import CheckpointError, ConfigError
 from capvis.models.attention import TransformerDecoderLayer
@@ -27,9 +29,18 @@ from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.text_encoder import TextEncoder, key_padding_mask
 from capvis.models.textual import TransformerStack, _init_weights
 from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
-from capvis.tasks.masked_lm import IGNORE_INDEX, check_masking, mask_tokens, masked_lm_loss
+from capvis.tasks.masked_lm import IGNORE_INDEX, MaskedLMConfig, check_masking, mask_tokens, masked_lm_loss
 
 log = logging.getLogger(__name__)
+
+
+@config_section("icmlm")
+@dataclass(frozen=True)
+class ICMLMConfig:
+    """``model.icmlm``: a checkpoint (masked_lm or contrastive, same vocabulary) whose text side becomes
+    the frozen text encoder; "" gives a random frozen encoder (a control)."""
+
+    text_encoder: str = ""
 
 
 class ICMLMHead(nn.Module):
@@ -119,7 +130,7 @@ class ICMLMTask(PretextTask):
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int) -> "ICMLMTask":
-        source = cfg.model.icmlm.text_encoder or cfg.model.contrastive.text_encoder
+        source = cfg.model.icmlm.text_encoder
         if source:
             encoder = load_text_encoder(source, vocab_size)
             if encoder.max_len < cfg.data.max_caption_length:

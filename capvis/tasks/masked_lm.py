@@ -16,11 +16,13 @@ The loss is the cross-entropy at the selected positions only, averaged over them
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from capvis.config import Config, MaskedLMConfig
+from capvis.config import Config, config_section
 from capvis.data.tokenizer import MASK_ID, PAD_ID
 from capvis.errors import ConfigError
 from capvis.models.backbones import Backbone, build_visual_for
@@ -28,7 +30,17 @@ from capvis.models.text_encoder import BidirectionalTextualHead
 from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
 
 IGNORE_INDEX = -100
-FIRST_WORD_ID = 4  # ids 0-3 are <unk>/padding, [SOS], [EOS], [MASK]
+FIRST_WORD_ID = MASK_ID + 1  # the special ids (<unk>/padding, [SOS], [EOS], [MASK]) come first
+
+
+@config_section("masked_lm")
+@dataclass(frozen=True)
+class MaskedLMConfig:
+    """``model.masked_lm``: the BERT-style corruption (masked_lm, icmlm)."""
+
+    mask_proportion: float = 0.15
+    mask_probability: float = 0.80  # of the selected tokens, replaced by [MASK]
+    replace_probability: float = 0.10  # of the selected tokens, replaced by a random token
 
 
 def mask_tokens(tokens: Tensor, lengths: Tensor, *, vocab_size: int, mask_proportion: float = 0.15,
