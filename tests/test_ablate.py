@@ -58,7 +58,7 @@ def test_task_entries_take_generic_config_options():
     assert split_list("a:data.crop_scale=[0.5,1.0], b") == ["a:data.crop_scale=[0.5,1.0]", "b"]
     assert [s.task for s in parse_tasks("token_classification,bicaptioning:layers=2,random_init")] == [
         "token_classification", "bicaptioning", "random_init"]
-    for bad, complaint in (("bicaptioning:text_encoder=x", "ambiguous"), ("bicaptioning:telepathy=1", "not a config"),
+    for bad, complaint in (("bicaptioning:loss=x", "ambiguous"), ("bicaptioning:telepathy=1", "not a config"),
                            ("bicaptioning:hidden", "key=value"), ("random_init:train.iterations=5", "trains nothing"),
                            ("bicaptioning,bicaptioning", "twice"), ("telepathy", "telepathy")):
         with pytest.raises(ConfigError, match=complaint):
