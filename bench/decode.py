@@ -6,7 +6,8 @@
 By default the steps are forced: [EOS] is banned, so every hypothesis decodes ``--max-steps`` tokens
 (random weights would otherwise stop at an arbitrary step); ``--no-force`` lets captions end (and the
 current decoder stop early). Timing covers the whole caption: backbone, cache set-up and every step.
-``--decoder legacy`` times the decoder this one replaced (kept here only for the comparison).
+``--decoder legacy`` times the decoder this one replaced (kept here only for the comparison);
+``--backbone training`` runs the training module instead of the task's ``for_inference()`` view.
 ``--checkpoint C --images DIR`` decodes the first ``--batch-size`` images of DIR (sorted, the
 checkpoint's eval transform) with trained weights instead, where ``--no-force`` measures early exit;
 the line then carries the captions' token ids, to compare decoders.
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", choices=("beam", "greedy", "nucleus"), default="beam")
     p.add_argument("--decoder", choices=("current", "legacy"), default="current",
                    help="beam only: legacy = the decoder before K/V sharing and early exit (comparison)")
+    p.add_argument("--backbone", choices=("inference", "training"), default="inference",
+                   help="inference: the task's for_inference() view (BatchNorms folded; what caption commands "
+                        "run); training: the training module in eval mode (what they ran before)")
     p.add_argument("--force", action=argparse.BooleanOptionalAction, default=True,
                    help="ban [EOS] so every hypothesis decodes --max-steps tokens (default on)")
     p.add_argument("--image-size", type=int, default=224)
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                                         f"data.max_caption_length={max(args.max_steps, 3)}", *args.overrides])
         task = build_task(cfg, cfg.model.vocab_size).to(device).eval()
         images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    if args.backbone == "inference":
+        task = task.for_inference()
     if cfg.train.channels_last and device.type == "cuda":
         task.to(memory_format=torch.channels_last)
     banned = (*BANNED_IDS, EOS_ID) if args.force else BANNED_IDS
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"config": args.config, "task": cfg.model.task, "backbone": cfg.model.backbone,
               "hidden": cfg.model.textual.hidden, "layers": cfg.model.textual.layers, "method": args.method,
               "decoder": args.decoder if args.method == "beam" else None, "forced": args.force,
+              "backbone_module": args.backbone,
               "beam_size": args.beam_size if args.method == "beam" else None, "max_steps": args.max_steps,
               "tokens_per_caption": steps, "batch_size": args.batch_size, "image_size": args.image_size,
               "device": args.device, "threads": torch.get_num_threads(), "repeats": args.repeats,

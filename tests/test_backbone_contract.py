@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops import FrozenBatchNorm2d
 
 import capvis
 from capvis.cli import main
@@ -74,6 +75,45 @@ def test_shapes_stages_and_groups(name: str) -> None:
     params = dict(net.named_parameters())
     assert net.no_weight_decay() <= set(params)
     assert net.blocks() and all(any(b is m for m in net.modules()) for b in net.blocks())
+
+
+def same_up_to_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal to float32 rounding at the tensor's scale (unnormalised deep ResNets reach ~100)."""
+    return got.shape == want.shape and float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("norm", ["batch", "frozen", "group"])
+@pytest.mark.parametrize("name", CASES)
+def test_the_inference_copy_computes_the_same_features(name: str, norm: str) -> None:
+    """``for_inference`` (what frozen features run: a ResNet's BatchNorms folded) is the same
+    function on every stage and leaves the module being trained untouched."""
+    if norm != "batch" and not name.startswith("resnet"):
+        pytest.skip("model.visual_norm is a ResNet key")
+    torch.manual_seed(0)
+    net = build_visual_for(cfg_of(name, f"model.visual_norm={norm}"))
+    with torch.no_grad():  # non-trivial running statistics, so folding is not the identity
+        for _ in range(2):
+            net.train()(images(4) * 3 + 1)
+        for m in net.modules():
+            if hasattr(m, "running_var") and m.running_var is not None:
+                m.running_var.mul_(torch.rand_like(m.running_var) + 0.5)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fast = net.for_inference()
+    x = images(3)
+    with torch.no_grad():
+        want = net.pooled(x)
+        assert same_up_to_rounding(fast.pooled(x), want)
+        cl = fast.to(memory_format=torch.channels_last)
+        assert same_up_to_rounding(cl.pooled(x.contiguous(memory_format=torch.channels_last)), want)
+        for got, grid in zip(fast.intermediates(x, list(net.stages)), net.intermediates(x, list(net.stages))):
+            assert same_up_to_rounding(got, grid)
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert any(p.requires_grad for p in net.parameters())
+    norms = [m for m in fast.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
+    if name.startswith("resnet") or name == "wide_resnet50_2":
+        assert not norms, "every BatchNorm of a ResNet follows a conv and is folded"
 
 
 @pytest.mark.parametrize("task", TASKS.names())

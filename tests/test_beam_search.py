@@ -162,3 +162,22 @@ def test_cross_attention_kv_once_per_image_and_ended_rows_dropped(monkeypatch) -
     assert fed[-1][1] < 6  # and so did images whose beams all ended
     assert len(fed) < 12 and all(out.finished)  # stopped when every beam ended, before max_steps
     assert out.tokens == reference_beam_search(task, x, beam_size=5, max_steps=12).tokens
+
+
+def test_the_inference_view_captions_the_same_and_leaves_the_task_alone() -> None:
+    """``task.for_inference()`` (what caption commands decode with: backbone BatchNorms folded) gives the
+    same beams; the heads are shared, the trained task keeps its own backbone and its mode."""
+    model = EndingModel(6)
+    task = model.task.train()
+    with torch.no_grad():  # running statistics that are not (0, 1), so folding changes the weights
+        task.visual(images(8, seed=3) * 2 + 0.5)
+    task.eval()
+    fast = task.for_inference()
+    assert fast.textual is task.textual and fast.visual is not task.visual
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.visual.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in task.visual.modules())
+    assert any(p.requires_grad for p in task.visual.parameters())
+    x = images(5, seed=6)
+    ref = beam_search(model, x, beam_size=4, max_steps=12)
+    model.task = fast
+    assert_same(beam_search(model, x, beam_size=4, max_steps=12), ref)

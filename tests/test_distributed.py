@@ -73,3 +73,25 @@ def test_stop_flag_is_agreed_every_n_steps_not_every_step(monkeypatch):
     stop.request()
     assert [stop.requested() for _ in range(6)] == [False, False, True, False, False, True]
     assert reduced == [1.0, 1.0]
+
+
+def test_one_device_rule_for_training_and_commands() -> None:
+    """train.device and every command's --device resolve by one function; errors name the option."""
+    from capvis.errors import ConfigError
+    from capvis.eval.common import resolve_device as command_device
+    from capvis.train.distributed import resolve_device
+
+    cuda = torch.cuda.is_available()
+    assert resolve_device("auto") == command_device("auto") == (torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    assert resolve_device("cpu") == command_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"unknown --device 'gpu'"):
+        command_device("gpu")
+    with pytest.raises(ConfigError, match=r"unknown train.device 'tpu0'"):
+        resolve_device("tpu0", option="train.device")
+    if not cuda:
+        with pytest.raises(ConfigError, match=r"train.device=cuda but no CUDA device"):
+            resolve_device("cuda", 1, option="train.device")
+        with pytest.raises(ConfigError, match=r"--device=cuda:1 but no CUDA device"):
+            command_device("cuda:1")
+    else:
+        assert resolve_device("cuda", 1) == torch.device("cuda", 1)

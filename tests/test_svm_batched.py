@@ -144,7 +144,12 @@ def test_chunks_and_skips_give_the_same_classes() -> None:
     one = svm_batched.protocol(*args, tol=1e-7)
     tiny = svm_batched.protocol(*args, tol=1e-7, memory=1)  # one class per chunk
     assert [r["ap"] for r in tiny] == pytest.approx([r["ap"] for r in one], abs=1e-6)
-    assert [r["cost"] for r in tiny] == [r["cost"] for r in one] == [c.cost for c in whole.per_class]
+    assert [r["cost"] for r in tiny] == [r["cost"] for r in one]
+    # the public entry point is the same solve at its default tolerance (class 2's CV APs at C=0.1 and
+    # C=1 lie 0.05 apart, so a looser solve may choose the other: compare like with like)
+    default = svm_batched.protocol(*args)
+    assert [c.cost for c in whole.per_class] == [r["cost"] for r in default]
+    assert [c.ap for c in whole.per_class] == pytest.approx([r["ap"] for r in default], abs=1e-9)
     assert [r["ap"] for r in one] == pytest.approx([c.ap for c in whole.per_class], abs=1.0)
 
 

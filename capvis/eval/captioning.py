@@ -125,6 +125,14 @@ def _collate(items: list[tuple[int, Tensor | str]]) -> tuple[list[int], Tensor |
     return [i for i, _ in good], images, errors
 
 
+def inference_view(task: nn.Module) -> nn.Module:
+    """The task in eval mode, on its backbone's inference copy when it is a pretext task (a ResNet's
+    BatchNorms folded: the same captions, a faster backbone pass)."""
+    from capvis.tasks.base import PretextTask
+
+    return task.for_inference() if isinstance(task, PretextTask) else task.eval()
+
+
 def _pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     return [tokenizer.id_to_piece(i) for i in ids]
 
@@ -149,7 +157,7 @@ def caption_images(task: torch.nn.Module, tokenizer: Tokenizer, paths: Sequence[
     if len(ids) != len(paths):
         raise ValueError(f"{len(ids)} ids for {len(paths)} images")
     device = torch.device(device)
-    task = task.to(device).eval()
+    task = inference_view(task.to(device))
     loader = DataLoader(_CroppedImages(paths, image_size), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate)
     kwargs = settings.kwargs(device)

@@ -158,20 +158,10 @@ def default_images_dir(label_file: str | Path) -> Path:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; a CUDA request without CUDA is a ConfigError."""
-    import torch
+    """A command's ``--device`` by training's rule (:func:`capvis.train.distributed.resolve_device`)."""
+    from capvis.train.distributed import resolve_device as resolve
 
-    from capvis.errors import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} but no CUDA device is available")
-    return device
+    return resolve(name, option="--device")
 
 
 def check_positive(**values: int | float | None) -> None:

@@ -9,8 +9,11 @@ which is scikit-learn's ``LogisticRegression(C=1 / (lam * N))`` (multinomial, L2
 share the feature matrix, so their weights are stacked as ``(S, D+1, K)`` and every iteration costs
 two large matrix products (logits and gradient, in row chunks to bound memory) for the whole sweep.
 The solver is L-BFGS in compact form (a handful of batched products per iteration whatever the
-history length) with per-problem Armijo backtracking and per-problem convergence: a problem that
-converges leaves the working set and costs nothing more. float64 on the CPU by default, any device
+history length), started from a preconditioner that undoes the features' correlations
+(:class:`_Preconditioner`: 5.7x fewer seconds on the demo's four probe tasks), with per-problem Armijo
+backtracking and per-problem convergence: a problem that converges leaves the working set and costs
+nothing more. Classes without a training row are set to their optimum (never predicted) rather than
+solved for. float64 on the CPU by default, any device
 and dtype torch offers (CUDA: float32 by default).
 
 :func:`probe_accuracy` is the evaluation protocol: standardise the features with train statistics,
@@ -75,20 +78,22 @@ def _augment(x: Tensor) -> Tensor:
 
 def _loss_grad(theta: Tensor, xa: Tensor, y: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     """Objective (S,) and gradient (S, D+1, K) of every problem at ``theta`` (S, D+1, K)."""
-    s, _, k = theta.shape
+    s, d1, k = theta.shape
     n = len(xa)
     step = max(1, _CHUNK_ELEMENTS // max(1, s * k))
     loss = theta.new_zeros(s)
-    g = torch.zeros_like(theta)
+    g = theta.new_zeros(d1, s * k)
+    columns = theta.transpose(0, 1).reshape(d1, s * k)  # every problem's weights side by side: one GEMM
     for lo in range(0, n, step):
         xc, yc = xa[lo:lo + step], y[lo:lo + step]
-        z = torch.matmul(xc, theta)  # (S, n, K)
-        lse = torch.logsumexp(z, dim=2)  # (S, n)
-        picked = z.gather(2, yc.view(1, -1, 1).expand(s, -1, 1)).squeeze(2)  # (S, n)
-        loss += (lse - picked).sum(dim=1)
-        p = torch.exp(z - lse[..., None])  # softmax (S, n, K); minus the one-hot target below
-        p.scatter_add_(2, yc.view(1, -1, 1).expand(s, -1, 1), p.new_full((s, len(yc), 1), -1.0))
-        g += torch.matmul(xc.T, p)  # (S, D+1, K)
+        z = (xc @ columns).view(len(xc), s, k)  # (n, S, K): the features are read once, not once a problem
+        lse = torch.logsumexp(z, dim=2)  # (n, S)
+        target = yc.view(-1, 1, 1).expand(-1, s, 1)
+        loss += (lse - z.gather(2, target).squeeze(2)).sum(dim=0)
+        p = torch.exp(z - lse[..., None])  # softmax (n, S, K); minus the one-hot target below
+        p.scatter_add_(2, target, p.new_full((len(yc), s, 1), -1.0))
+        g += xc.T @ p.view(len(xc), s * k)  # (D+1, S*K)
+    g = g.view(d1, s, k).transpose(0, 1).contiguous()  # (S, D+1, K)
     w = theta[:, :-1]  # the bias row is not decayed
     loss = loss / n + 0.5 * lam * w.pow(2).sum(dim=(1, 2))
     g /= n
@@ -101,46 +106,75 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
 
 
-class _History:
-    """L-BFGS curvature pairs of S problems for the compact form of the inverse Hessian (Byrd, Nocedal &
-    Schnabel 1994): ``-H g`` costs a handful of batched products whatever the history length.
+class _Preconditioner:
+    """L-BFGS's initial inverse Hessian, per problem ``(c * Sigma + lam * I)^-1`` with ``Sigma = X^T X / N``
+    (bias column included) and ``c`` the softmax curvature of the start point (``1 / K``).
 
-    Pairs live in a ring of ``length`` slots (S, length, P), written in place; ``sy[:, i, j]`` holds
-    ``s_i . y_j`` for the pairs present when slot j was written, ``yy`` the changes' Gram matrix. In
-    chronological order only the upper triangle of ``sy`` is used, which is exactly what stays valid.
-    An empty slot, or a pair that failed the curvature condition for a problem, is zeros: inert.
+    Frozen features are strongly correlated (their covariance's eigenvalues span 3e-4 to 67 on the demo's
+    256-d features), so the weakly regularised problems are badly conditioned and plain L-BFGS takes
+    hundreds of iterations. This undoes the correlations before the first step; it changes the path,
+    never the solution (each problem is strictly convex). One eigendecomposition, then two GEMMs a use.
     """
 
-    def __init__(self, g: Tensor, length: int) -> None:
+    def __init__(self, xa: Tensor, lam: Tensor, num_classes: int) -> None:
+        e, self.v = torch.linalg.eigh(xa.T @ xa / len(xa))
+        self.inv = 1.0 / (e.clamp_min(0.0)[None, :] / num_classes + lam[:, None])  # (S, D+1)
+
+    def select(self, keep: Tensor) -> None:
+        self.inv = self.inv[keep]
+
+    def __call__(self, g: Tensor) -> Tensor:
+        """M g for (S, D+1, K) stacks: every problem's columns side by side, so one GEMM each way."""
+        s, d1, k = g.shape
+        u = (self.v.T @ g.transpose(0, 1).reshape(d1, s * k)).view(d1, s, k) * self.inv.T[:, :, None]
+        return (self.v @ u.view(d1, s * k)).view(d1, s, k).transpose(0, 1)
+
+
+class _History:
+    """L-BFGS curvature pairs of S problems for the compact form of the inverse Hessian (Byrd, Nocedal &
+    Schnabel 1994) with a preconditioned start ``H0 = gamma * M``: ``-H g`` costs a handful of batched
+    products whatever the history length.
+
+    Pairs live in a ring of ``length`` slots (S, length, P), written in place, with ``M y`` beside each
+    change ``y``; ``sy[:, i, j]`` holds ``s_i . y_j`` for the pairs present when slot j was written,
+    ``yy`` the changes' Gram matrix in M (``y_i . M y_j``). In chronological order only the upper
+    triangle of ``sy`` is used, which is exactly what stays valid. An empty slot, or a pair that failed
+    the curvature condition for a problem, is zeros: inert.
+    """
+
+    def __init__(self, g: Tensor, length: int, precondition: _Preconditioner) -> None:
         s, p = g.shape[0], g[0].numel()
+        self.shape, self.precondition = g.shape[1:], precondition
         self.steps, self.changes = g.new_zeros(s, length, p), g.new_zeros(s, length, p)
+        self.scaled = g.new_zeros(s, length, p)  # M y of each change
         self.sy, self.yy = g.new_zeros(s, length, length), g.new_zeros(s, length, length)
         self.next = 0  # slot of the next pair; slots next, next+1, ... run oldest to newest
-        self.gamma = 1.0 / g.abs().amax(dim=(1, 2)).clamp_min(1.0)  # first step: at most unit length
+        self.gamma = 1.0 / precondition(g).abs().amax(dim=(1, 2)).clamp_min(1.0)  # first step: at most unit length
 
     def push(self, step: Tensor, change: Tensor) -> None:
         """Store the pair (S, P) x 2 over the oldest; zeroed for problems where s . y is not > 0."""
-        sy, yy = torch.linalg.vecdot(step, change), torch.linalg.vecdot(change, change)
-        useful = sy > 1e-12 * yy.sqrt().clamp_min(1e-300)
+        scaled = self.precondition(change.view(-1, *self.shape)).flatten(1)
+        sy, yy = torch.linalg.vecdot(step, change), torch.linalg.vecdot(change, scaled)
+        useful = (sy > 1e-12 * yy.clamp_min(0.0).sqrt().clamp_min(1e-300)) & (yy > 0)
         self.gamma = torch.where(useful, sy / yy.clamp_min(1e-300), self.gamma)
         keep, k = useful.to(step.dtype)[:, None], self.next
-        self.steps[:, k], self.changes[:, k] = step * keep, change * keep
-        y_new = self.changes[:, k, :, None]  # (S, P, 1)
-        self.sy[:, :, k] = (self.steps @ y_new)[..., 0]
-        self.yy[:, :, k] = self.yy[:, k, :] = (self.changes @ y_new)[..., 0]
+        self.steps[:, k], self.changes[:, k], self.scaled[:, k] = step * keep, change * keep, scaled * keep
+        self.sy[:, :, k] = (self.steps @ self.changes[:, k, :, None])[..., 0]
+        self.yy[:, :, k] = self.yy[:, k, :] = (self.changes @ self.scaled[:, k, :, None])[..., 0]
         self.next = (k + 1) % self.steps.shape[1]
 
     def select(self, keep: Tensor) -> None:
         """Keep the problems where ``keep`` (S,) is true (the others left the working set)."""
-        self.steps, self.changes, self.sy, self.yy, self.gamma = (
-            v[keep] for v in (self.steps, self.changes, self.sy, self.yy, self.gamma))
+        self.steps, self.changes, self.scaled, self.sy, self.yy, self.gamma = (
+            v[keep] for v in (self.steps, self.changes, self.scaled, self.sy, self.yy, self.gamma))
+        self.precondition.select(keep)
 
     def direction(self, g: Tensor) -> Tensor:
         """``-H g`` for every problem, (S, D+1, K)."""
         length = self.steps.shape[1]
         order = (self.next + torch.arange(length, device=g.device)) % length  # oldest first
         flat, gamma = g.flatten(1)[..., None], self.gamma[:, None, None]  # (S, P, 1), (S, 1, 1)
-        a, b = (self.steps @ flat)[:, order], (self.changes @ flat)[:, order]  # (S, m, 1)
+        a, b = (self.steps @ flat)[:, order], (self.scaled @ flat)[:, order]  # (S, m, 1): S^T g, (MY)^T g
         r = self.sy[:, order][:, :, order].triu()
         diag = r.diagonal(dim1=1, dim2=2)
         inert = torch.diag_embed((diag <= 0).to(g.dtype))  # unit diagonal for empty pairs: R stays invertible
@@ -150,8 +184,8 @@ class _History:
         top = torch.linalg.solve_triangular(r.transpose(1, 2), rhs, upper=False)  # R^-T (...)
         slots_top, slots_u = torch.empty_like(top), torch.empty_like(u)
         slots_top[:, order], slots_u[:, order] = top, u
-        back = slots_top.transpose(1, 2) @ self.steps - gamma * (slots_u.transpose(1, 2) @ self.changes)  # (S, 1, P)
-        return -(self.gamma[:, None] * flat[..., 0] + back[:, 0]).view_as(g)
+        back = slots_top.transpose(1, 2) @ self.steps - gamma * (slots_u.transpose(1, 2) @ self.scaled)  # (S, 1, P)
+        return -(self.gamma[:, None, None] * self.precondition(g) + back.view_as(g))
 
 
 def fit_softmax_probes(x: Tensor | np.ndarray, y: Tensor | np.ndarray, num_classes: int,
@@ -179,10 +213,32 @@ def fit_softmax_probes(x: Tensor | np.ndarray, y: Tensor | np.ndarray, num_class
         raise DataError(f"probe labels must lie in [0, {num_classes})")
     lam = torch.tensor(lams, device=device, dtype=dtype)
     s, d1 = len(lams), xa.shape[1]
-    theta = (torch.cat([init.weight, init.bias[:, None]], dim=1).to(device, dtype).clone() if init is not None
-             else torch.zeros(s, d1, num_classes, device=device, dtype=dtype))
-    with _cpu_threads(device, 4.0 * s * len(xa) * d1 * num_classes):
-        return _lbfgs(theta, xa, y, lam, tuple(lams), max_iter=max_iter, tol=tol, history=history)
+    present = torch.unique(y)  # the problem is solved over these classes only (see _expand)
+    theta = torch.zeros(s, d1, len(present), device=device, dtype=dtype)
+    if init is not None:
+        start = torch.cat([init.weight, init.bias[:, None]], dim=1).to(device, dtype)[:, :, present]
+        theta = torch.where(start.isfinite(), start, 0.0)  # a class unseen before starts at zero
+    with _cpu_threads(device, 4.0 * s * len(xa) * d1 * len(present)):
+        fit = _lbfgs(theta, xa, torch.searchsorted(present, y), lam, tuple(lams), max_iter=max_iter, tol=tol,
+                     history=history)
+    return _expand(fit, present, num_classes)
+
+
+def _expand(fit: ProbeFit, present: Tensor, num_classes: int) -> ProbeFit:
+    """The fit over the classes present in the training rows, as one over all ``num_classes``.
+
+    A class without a training row has no minimiser: its unregularised bias runs to -inf and its
+    weights to zero, and a solver that keeps it spends most of its iterations on that tail (10x on
+    the demo's 80-class task, of which 56 occur). Its optimum is written directly instead: weights 0,
+    bias -inf, so it is never predicted (scikit-learn fits only the classes it sees, to the same effect).
+    """
+    if len(present) == num_classes:
+        return fit
+    s, d = fit.weight.shape[:2]
+    weight = fit.weight.new_zeros(s, d, num_classes)
+    bias = fit.bias.new_full((s, num_classes), float("-inf"))
+    weight[:, :, present], bias[:, present] = fit.weight, fit.bias
+    return ProbeFit(weight, bias, fit.weight_decays, fit.iterations, fit.converged)
 
 
 def _lbfgs(theta: Tensor, xa: Tensor, y: Tensor, lam: Tensor, lams: tuple[float, ...], *, max_iter: int,
@@ -196,7 +252,7 @@ def _lbfgs(theta: Tensor, xa: Tensor, y: Tensor, lam: Tensor, lams: tuple[float,
     iterations = torch.zeros(len(theta), dtype=torch.long, device=theta.device)
     work = torch.arange(len(theta), device=theta.device)  # problem index of each working row
     f, g = _loss_grad(theta, xa, y, lam)
-    hist = _History(g, history)
+    hist = _History(g, history, _Preconditioner(xa, lam, theta.shape[2]))
     finished = g.abs().amax(dim=(1, 2)) <= tol
     for _ in range(max_iter + 1):
         if bool(finished.any()):  # retire: write out, shrink every working tensor

@@ -6,6 +6,7 @@ branches on a task's name. New tasks subclass :class:`PretextTask` and register 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,6 +40,15 @@ class PretextTask(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> TaskOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def for_inference(self) -> "PretextTask":
+        """An eval-mode view of this task whose backbone is :meth:`Backbone.for_inference` (a ResNet's
+        BatchNorms folded): decoding and scoring run the backbone once per image, so they gain what
+        feature extraction gains. The heads are shared, not copied (and left in eval mode)."""
+        fast = copy.copy(self)
+        fast._modules = dict(self._modules)  # a dict of its own: the original keeps its backbone
+        fast.visual = self.visual.for_inference()
+        return fast.eval()
 
     def param_groups(self, train_cfg: Any) -> list[dict[str, Any]]:
         """Four groups: visual and textual, each with and without weight decay.

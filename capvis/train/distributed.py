@@ -18,12 +18,20 @@ from capvis.distinfo import DistInfo
 from capvis.errors import ConfigError
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def resolve_device(name: str, local_rank: int = 0, *, option: str = "--device") -> torch.device:
+    """The one device rule of training and every command: ``auto`` -> this process's GPU
+    (``cuda:<local_rank>``) when CUDA is available, else ``cpu``; ``cuda`` -> ``cuda:<local_rank>``;
+    any other name as torch reads it (``cpu``, ``cuda:1``). An unknown name, or CUDA without CUDA, is a
+    one-line ConfigError naming ``option`` (``train.device`` or a command's ``--device``)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown {option} {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{option}={name} but no CUDA device is available")
+    return device
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -31,7 +39,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, option="train.device")
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

@@ -19,6 +19,7 @@ Adding a family is one file that registers into one of them.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from torch import Tensor, nn
@@ -79,6 +80,12 @@ class Backbone(nn.Module):
         ``standard_only``: refuse, in one line, a variant the library's own builder cannot make
         (a ResNet with the small stem); off, the names are the library's whatever the shapes."""
         raise NotImplementedError
+
+    def for_inference(self) -> "Backbone":
+        """A frozen eval-mode copy for feature extraction, rewritten for speed where the family knows
+        how (a ResNet folds its BatchNorms into its convolutions). A copy: the module being trained,
+        which a demo keeps training after an evaluation, is left as it is."""
+        return copy.deepcopy(self).eval().requires_grad_(False)
 
     def torchvision_resnet(self) -> "ResNet | None":
         """The torchvision ResNet inside, for consumers that need one (detection); None otherwise."""
