@@ -153,11 +153,13 @@ def test_contrastive_on_captionworld_beats_chance(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_bicaptioning_on_captionworld_beats_chance_by_likelihood(tmp_path, capsys) -> None:
-    """~30 s on one idle CPU thread (~60 s on a busy one): 500 steps of 16 images at 32 px (a
-    quarter-width ResNet-18 with the small stride-2 stem) on 2000 CaptionWorld images, then likelihood
-    zero-shot of the shape task on 200 test images with the default prompt. Measured: top-1 0.385 against
-    a chance of 0.278 (world seed 0; 0.43 vs 0.267 with seed 1). With 1000 steps (not run here, ~50 s idle):
-    0.485 vs 0.278 (seed 0) and 0.49 vs 0.267 (seed 1), more than 20 points above chance."""
+    """1000 steps of 16 images at 32 px (a quarter-width ResNet-18 with the small stride-2 stem) on 2000
+    CaptionWorld images, then likelihood zero-shot of the shape task on 200 test images with the default
+    prompt; ~1 min on one idle CPU thread (~2 min on a slower 2-core machine). With the current grammar
+    (synonyms: disc/circle, hoop/ring, which split the prior of those class words) 500 steps are not enough
+    on every machine: on one, every image went to 'hexagon' (top-1 0.305 = the share of hexagon images,
+    mAP 0.324), the same with three other templates. Measured at 1000 steps on that machine: top-1 0.355 vs
+    chance 0.278, mAP 0.401 vs 0.278. mAP (per-class rankings of p(class | image)) is the steadier signal."""
     from capvis.data.annotations import read_caption_texts
     from capvis.data.tokenizer import train_tokenizer
     from capvis.world import write_world
@@ -172,9 +174,9 @@ def test_bicaptioning_on_captionworld_beats_chance_by_likelihood(tmp_path, capsy
         "data.max_caption_length=20", "data.crop_scale=[0.9,1.0]", "data.color_jitter_p=0",
         "model.backbone=resnet18", "model.visual_width=16", "model.small_stem=true", "model.stem_stride=2",
         "model.textual.hidden=64", "model.textual.heads=4", "model.textual.dropout=0", "train.batch_size=16",
-        "train.iterations=500", "train.warmup=0", "train.schedule=none", "train.optimizer=adamw",
+        "train.iterations=1000", "train.warmup=0", "train.schedule=none", "train.optimizer=adamw",
         "train.lr_backbone=0.002", "train.lr_textual=0.002", "train.weight_decay=0", "train.lookahead=false",
-        "train.log_every=100", "train.checkpoint_every=500", "train.channels_last=false", "train.device=cpu"])
+        "train.log_every=100", "train.checkpoint_every=1000", "train.channels_last=false", "train.device=cpu"])
     Trainer(cfg, tmp_path / "run", progress=False).run()
     capsys.readouterr()
     code = main(["eval", "zeroshot", "--checkpoint", str(tmp_path / "run"), "--labels",
@@ -183,5 +185,5 @@ def test_bicaptioning_on_captionworld_beats_chance_by_likelihood(tmp_path, capsy
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["method"] == "likelihood" and result["model_task"] == "bicaptioning"  # auto: no text encoder
     assert result["classes"] == 8 and result["images"] == 200
-    assert result["top1"] > result["chance"] + 0.05, result
-    assert result["mAP"] > result["mAP_chance"] + 0.05, result
+    assert result["top1"] > result["chance"] + 0.03, result
+    assert result["mAP"] > result["mAP_chance"] + 0.06, result
