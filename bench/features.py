@@ -6,8 +6,8 @@
 Times ``backbone.pooled`` on one random batch three ways: the training module in eval mode (what
 evaluations ran before), :meth:`Backbone.for_inference` (a ResNet's BatchNorms folded into its
 convolutions, its weights channels-last), and that copy on channels-last inputs (what
-``capvis.eval.features`` runs). The
-BatchNorms get non-trivial running statistics first, so the folded weights are not the identity.
+``capvis.eval.features`` runs). The BatchNorms get non-trivial running statistics first, so the
+folded weights are not the identity.
 Ends with one JSON line: seconds per batch of each, images per second and the largest difference
 of the features from the training module's.
 """
@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> dict:
     fast = backbone.for_inference()
     plain_s, ref = seconds(backbone, images, args.repeats)
     folded_s, folded = seconds(fast, images, args.repeats)
-    fast = fast.to(memory_format=torch.channels_last)
     last_s, last = seconds(fast, images.contiguous(memory_format=torch.channels_last), args.repeats)
     result = {"config": args.config, "backbone": cfg.model.backbone, "batch_size": args.batch_size,
               "image_size": args.image_size, "threads": torch.get_num_threads(),

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision import models as tvm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision import models as tvm
 from torchvision.ops import FrozenBatchNorm2d
 
 from capvis.errors import ConfigError
@@ -93,7 +93,8 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
     """(conv, norm) child names where the norm directly follows the conv in torchvision's ResNets:
     ``convK``/``bnK`` in the stem and every block, ``0``/``1`` in a ``downsample`` Sequential."""
     children = dict(module.named_children())
-    pairs = [(f"conv{name[2:]}", name) for name in children if name.startswith("bn") and f"conv{name[2:]}" in children]
+    pairs = [(f"conv{name[2:]}", name) for name in children
+             if name.startswith("bn") and f"conv{name[2:]}" in children]
     if isinstance(module, nn.Sequential) and len(module) == 2:
         pairs.append(("0", "1"))
     return [(c, n) for c, n in pairs if isinstance(children[c], nn.Conv2d) and isinstance(children[n], _NORMS)]
