@@ -12,6 +12,8 @@ The step is capvis' own (``capvis.train.step.train_step``) with the config's swi
     head      everything but the backbone: the textual heads on a fixed random grid, loss, step
     matmuls   the output projections' matrix products alone (forward and both backward products,
               one per captioning direction): the ``(B*T, H) x (H, V)`` GEMMs that dominate the head
+    original  the original VirTex's step (bicaptioning, SGD + Lookahead) from a kdexd/virtex checkout,
+              ``--virtex DIR``, on the same batch and sizes (``bench/original_virtex.py``)
 
 Ends with one JSON line: images_per_s, peak_memory_mb (process peak RSS on CPU, peak allocated on
 CUDA), step_memory_mb (what the steps add to the memory of the set-up model and batch: activations,
@@ -148,7 +150,17 @@ def matmul_step(cfg: Config, args: argparse.Namespace, device: torch.device) -> 
     return step, {"gflop_per_step": round(flops / 1e9, 2)}
 
 
-PARTS = {"task": task_step, "backbone": backbone_step, "head": head_step, "matmuls": matmul_step}
+def original(cfg: Config, args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], float], dict]:
+    if not args.virtex:
+        raise SystemExit("--part original needs --virtex DIR (a checkout of kdexd/virtex)")
+    from original_virtex import original_step  # bench/ is the script's directory, so it is on sys.path
+
+    batch = to_device(random_batch(args.batch_size, args.image_size, cfg.data.max_caption_length,
+                                   cfg.model.vocab_size), device, False)
+    return original_step(cfg, batch, args.virtex)
+
+
+PARTS = {"task": task_step, "backbone": backbone_step, "head": head_step, "matmuls": matmul_step, "original": original}
 
 # --variants: named switches, joined with "+" (bf16+channels_last+compile); later ones override earlier
 VARIANTS: dict[str, list[str]] = {
@@ -210,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--compile", action="store_true", help="torch.compile the task (as train.compile=true)")
     p.add_argument("--part", choices=sorted(PARTS), default="task", help="what to time (see above)")
+    p.add_argument("--virtex", help="a kdexd/virtex checkout (the directory holding virtex/), for --part original")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     if not args.variants:

@@ -10,11 +10,12 @@ from capvis.cli import main
 
 def test_quick_demo_writes_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--output", str(out), "--seed", "3"]) == 0
+    assert main(["demo", "--quick", "--output", str(out), "--seed", "3", "model.textual.dropout=0.05"]) == 0
     printed = capsys.readouterr().out
     assert "| bicaptioning |" in printed and "| random init |" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["seed"] == 3 and results["quick"] is True
+    assert results["config"]["model"]["textual"]["dropout"] == 0.05  # the command line's override reached training
     rows = results["results"]
     assert {r["method"] for r in rows} == {"bicaptioning", "random init"}
     labels = json.loads((out / "world" / "annotations" / "labels_test.json").read_text())
@@ -38,3 +39,13 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     assert "Are the captions true?" in md
     assert "captions.png" in (out / "report.html").read_text()
     assert len(results["captions"]) == 4 and all("caption" in c for c in results["captions"])
+
+
+def test_overrides_win_over_the_sizes(tmp_path):
+    from capvis.demo.stages import DemoSizes, demo_config
+
+    sizes = DemoSizes(iterations=300, overrides=("train.warmup=20",))
+    cfg = demo_config("demo", tmp_path, tmp_path / "vocab.model", sizes, 0)
+    assert (cfg.train.iterations, cfg.train.warmup) == (300, 20)
+    cfg = demo_config("demo", tmp_path, tmp_path / "vocab.model", sizes, 0, ("train.iterations=2400", "train.warmup=5"))
+    assert (cfg.train.iterations, cfg.train.warmup, cfg.train.seed) == (2400, 5, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -39,17 +39,18 @@ INTRO = ("A ResNet-18 (half width, small stem) was trained from scratch on Capti
 
 
 def run_demo(output: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False,
-             config: str | Path = DEMO_CONFIG) -> dict[str, Any]:
+             config: str | Path = DEMO_CONFIG, overrides: Sequence[str] = ()) -> dict[str, Any]:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     sizes = DemoSizes.quick() if quick else DemoSizes()
     timer = Timer()
     start = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    base = demo_config(config, out, out, sizes, seed)  # image size for the world
+    extra = tuple(overrides)
+    base = demo_config(config, out, out, sizes, seed, extra)  # image size for the world
     world = timer.run("world", make_world, out / "world", sizes, seed, base.data.image_size)
     vocab = timer.run("vocabulary", make_vocab, world, out, sizes.vocab_size)
-    cfg = demo_config(config, world, vocab, sizes, seed)
+    cfg = demo_config(config, world, vocab, sizes, seed, extra)
     tokenizer = load_tokenizer(vocab)
     pretrained = timer.run("pretrain_bicaptioning", pretrain_backbone, cfg, out / "pretrain")
     baseline = random_task(cfg, tokenizer.vocab_size)

@@ -74,12 +74,14 @@ def make_vocab(world: Path, out: Path, vocab_size: int) -> Path:
 
 def demo_config(config: str | Path, world: Path, vocab: Path, sizes: DemoSizes, seed: int,
                 extra: tuple[str, ...] = ()) -> Config:
-    cfg = load_config(config, [*sizes.overrides, *extra])
+    """The config file with the sizes' overrides, the demo's data, seed and device, then ``extra`` (the
+    user's or a task's overrides, which win: ``train.iterations=2400`` holds at every budget)."""
+    cfg = load_config(config, list(sizes.overrides))
     overrides = [f"data.train={world / 'annotations' / 'captions_train.json'}", f"data.vocab={vocab}",
                  f"train.seed={seed}", "train.device=cpu"]
     if sizes.iterations is not None:
         overrides.append(f"train.iterations={sizes.iterations}")
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, [*overrides, *extra])
 
 
 def pretrain_backbone(cfg: Config, out: Path) -> torch.nn.Module:
