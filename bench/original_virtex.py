@@ -12,6 +12,7 @@ silenced. The step is the loop body of the original's ``scripts/pretrain_virtex.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import types
 import warnings
@@ -22,6 +23,9 @@ import torch
 import torchvision
 
 from capvis.tasks.captioning import reverse_captions
+
+
+NO_DECAY = ".*textual.(embedding|transformer).*(norm.*|bias)"  # the original's OPTIM.NO_DECAY default
 
 
 def _package(name: str, path: Path) -> None:
@@ -67,7 +71,7 @@ def build_original(cfg: Any, root: str | Path) -> tuple[torch.nn.Module, torch.o
         max_caption_length=cfg.data.max_caption_length, padding_idx=0)
     model = m["models.captioning"].BidirectionalCaptioningModel(visual, textual, sos_index=1, eos_index=2)
     groups = [{"params": [p], "lr": tr.lr_backbone if "cnn" in n else tr.lr_textual,
-               "weight_decay": 0.0 if (".bias" in n or "norm" in n) else tr.weight_decay}
+               "weight_decay": 0.0 if re.match(NO_DECAY, n) else tr.weight_decay}
               for n, p in model.named_parameters()]
     optimizer = m["optim.lookahead"].Lookahead(torch.optim.SGD(groups, momentum=0.9), k=5, alpha=0.5)
     with warnings.catch_warnings():
