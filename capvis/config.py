@@ -164,7 +164,7 @@ class TrainConfig:
     lookahead_k: int = 5
     schedule: str = "cosine"  # cosine | linear | none
     clip_grad_norm: float = 10.0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA and AMX CPUs, else fp32)
     channels_last: bool = True  # on CUDA only (slower on CPU, measured)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# ``train.precision=auto`` stays fp32 on AMX CPUs too, here and in every subprocess a test starts: the suite's
+# numerics (exact resume, compile == eager, FSDP == DDP) must not depend on the machine CI draws.
+# tests/test_precision.py tests the AMX rule itself.
+os.environ["CAPVIS_AUTO_CPU_BF16"] = "0"
 
 COCO_CAPTIONS = [
     ["A dog runs on the grass.", "A brown dog is running left!", "The dog chases a ball?"],

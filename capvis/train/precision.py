@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import ContextManager
 
@@ -33,10 +34,26 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.uses_scaler)
 
 
+CPU_BF16_ENV = "CAPVIS_AUTO_CPU_BF16"  # "0": ``auto`` is fp32 on every CPU (the same numerics on any machine)
+
+
+def has_bf16_units(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU with bf16 support, or a CPU
+    with AMX tiles (Xeon Sapphire Rapids and later), where oneDNN's bf16 kernels made the demo's training
+    1.46x faster (docs/demo.md). Elsewhere (AVX2 laptops) CPU autocast emulates bf16 and is slower.
+    ``CAPVIS_AUTO_CPU_BF16=0`` in the environment keeps ``auto`` at fp32 on the CPU (the test suite
+    sets it, so its numerics do not depend on the machine it runs on)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or os.environ.get(CPU_BF16_ENV, "1") == "0":
+        return False
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """``auto`` is bf16 on a CUDA device that supports it, fp32 elsewhere (CPU autocast is slow)."""
+    """``auto`` is bf16 where the device has bf16 matrix units (:func:`has_bf16_units`), fp32 elsewhere."""
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        name = "bf16" if has_bf16_units(device) else "fp32"
     dtypes: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name == "fp16" and device.type != "cuda":
         name = "bf16"  # fp16 autocast is CUDA-only; bf16 is the CPU equivalent
