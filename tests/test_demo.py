@@ -16,6 +16,8 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["seed"] == 3 and results["quick"] is True
     assert results["config"]["model"]["textual"]["dropout"] == 0.05  # the command line's override reached training
+    # train.precision=auto, resolved and reported (fp32 here: conftest keeps auto at fp32 on AMX CPUs too)
+    assert results["config"]["train"]["precision"] == "auto" and results["precision"] == "fp32"
     rows = results["results"]
     assert {r["method"] for r in rows} == {"bicaptioning", "random init"}
     labels = json.loads((out / "world" / "annotations" / "labels_test.json").read_text())
@@ -38,6 +40,7 @@ def test_quick_demo_writes_report(tmp_path, capsys):
         round(r["value"], 1) for r in rows if r["value"] == r["value"])
     assert "Are the captions true?" in md
     assert "captions.png" in (out / "report.html").read_text()
+    assert "6 iterations of batch 8 in fp32 (train.precision=auto)" in md
     assert len(results["captions"]) == 4 and all("caption" in c for c in results["captions"])
 
 

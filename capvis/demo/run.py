@@ -26,6 +26,7 @@ from capvis.demo.stages import (
 )
 from capvis.eval.attention import save_attention, word_maps
 from capvis.train.loop import read_metrics
+from capvis.train.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 DEMO_CONFIG = "demo"
@@ -64,13 +65,16 @@ def run_demo(output: str | Path = "runs/demo", *, seed: int = 0, quick: bool = F
     pictures = timer.run("report", _pictures, out, captioner, tokenizer, world, cfg, sizes)
     truth = timer.run("caption_truth", _caption_truth, captioner, tokenizer, world, cfg, sizes)
     timer.seconds["total"] = round(time.perf_counter() - start, 2)
+    precision = resolve_precision(cfg.train.precision, torch.device(cfg.train.device)).name
     rows = [{"method": m, "task": t, "metric": metrics[t], "value": v} for m, scores in results.items()
             for t, v in scores.items()]
     summary = {"seed": seed, "quick": quick, "results": rows, "caption_truth": truth, "seconds": timer.seconds,
-               "config": cfg.to_dict(), "captions": pictures["captions"],
+               "precision": precision, "config": cfg.to_dict(), "captions": pictures["captions"],
                "final_loss": pictures["final_loss"]}
     write_json(out / "results.json", summary)
-    _write_report(out, results, metrics, pictures, truth, timer.seconds, seed)
+    _write_report(out, results, metrics, pictures, truth, timer.seconds,
+                  f"seed {seed}; {cfg.train.iterations:,} iterations of batch {cfg.train.batch_size} in {precision} "
+                  f"(train.precision={cfg.train.precision})")
     header, table = report.results_table(results, metrics)
     print(report.markdown_table(header, table))
     print(f"report: {out / 'report.html'} ({timer.seconds['total']:.0f} s)")
@@ -114,7 +118,7 @@ def _caption_truth(task: Any, tokenizer: Any, world: Path, cfg: Any, sizes: Demo
 
 
 def _write_report(out: Path, results: dict, metrics: dict, pictures: dict, truth: dict, seconds: dict,
-                  seed: int) -> None:
+                  run: str) -> None:
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
     sections = [
         ("Pretraining loss", f"Caption cross-entropy (forward + backward) fell from {pictures['first_loss']:.2f} to "
@@ -132,7 +136,7 @@ def _write_report(out: Path, results: dict, metrics: dict, pictures: dict, truth
     for k, name in enumerate(pictures["attention"]):
         sections.append((f"Attention, test image {k + 1}", "Decoder cross-attention over the visual grid for each "
                          "generated word, averaged over heads and upsampled (paper Figure 6).", name))
-    sections.append(("Run", f"seed {seed}; wall time per stage: {stages}. Every number above was computed in "
+    sections.append(("Run", f"{run}; wall time per stage: {stages}. Every number above was computed in "
                      "this run; results.json holds them.", None))
     report.write_reports(out, title="capvis demo: captions teach a ConvNet", intro=INTRO,
                          table=report.results_table(results, metrics), sections=sections)
