@@ -15,6 +15,9 @@ The step is capvis' own (``capvis.train.step.train_step``) with the config's swi
     original  the original VirTex's step (bicaptioning, SGD + Lookahead) from a kdexd/virtex checkout,
               ``--virtex DIR``, on the same batch and sizes (``bench/original_virtex.py``)
 
+The limits run under the config's ``train.precision`` as the step does (``auto``: bf16 on CUDA and on AMX
+CPUs), so that a bf16 step is compared with bf16 limits; the original runs as its code does (fp32 on a CPU).
+
 Ends with one JSON line: images_per_s, peak_memory_mb (process peak RSS on CPU, peak allocated on
 CUDA), step_memory_mb (what the steps add to the memory of the set-up model and batch: activations,
 gradients, optimizer state; on CPU the rise of the RSS high-water mark, on CUDA the peak allocated
@@ -90,15 +93,17 @@ def backbone_step(cfg: Config, args: argparse.Namespace, device: torch.device) -
     visual = task.visual.train()
     opt = torch.optim.SGD(visual.parameters(), lr=0.01, momentum=0.9, fused=True)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    precision = resolve_precision(cfg.train.precision, device)  # the limit under the step's own numerics
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = visual(images).mean()
+        with precision.autocast():
+            loss = visual(images).float().mean()
         loss.backward()
         opt.step()
         return loss.detach()
 
-    return step, {"params": sum(p.numel() for p in visual.parameters())}
+    return step, {"params": sum(p.numel() for p in visual.parameters()), "precision": precision.name}
 
 
 def head_step(cfg: Config, args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], float], dict]:
@@ -111,15 +116,17 @@ def head_step(cfg: Config, args: argparse.Namespace, device: torch.device) -> tu
     opt = torch.optim.SGD(params, lr=0.001, momentum=0.9, fused=True)
     batch = to_device(random_batch(args.batch_size, args.image_size, cfg.data.max_caption_length,
                                    cfg.model.vocab_size), device, False)
+    precision = resolve_precision(cfg.train.precision, device)
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = task(batch).loss
+        with precision.autocast():
+            loss = task(batch).loss.float()
         loss.backward()
         opt.step()
         return loss.detach()
 
-    return step, {"params": sum(p.numel() for p in params)}
+    return step, {"params": sum(p.numel() for p in params), "precision": precision.name}
 
 
 class _Constant(torch.nn.Module):
@@ -134,9 +141,11 @@ class _Constant(torch.nn.Module):
 def matmul_step(cfg: Config, args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], float], dict]:
     t, h, v = cfg.data.max_caption_length, cfg.model.textual.hidden, cfg.model.vocab_size
     heads = 2 if cfg.model.task == "bicaptioning" else 1
-    x = torch.randn(args.batch_size * t, h, device=device)  # (B*T, H) hidden states
-    w = torch.randn(v, h, device=device) * 0.02  # (V, H) tied output weight
-    g = torch.randn(args.batch_size * t, v, device=device)  # (B*T, V) gradient of the logits
+    precision = resolve_precision(cfg.train.precision, device)
+    dtype = precision.dtype or torch.float32  # the dtype autocast gives these products in the step
+    x = torch.randn(args.batch_size * t, h, device=device, dtype=dtype)  # (B*T, H) hidden states
+    w = torch.randn(v, h, device=device, dtype=dtype) * 0.02  # (V, H) tied output weight
+    g = torch.randn(args.batch_size * t, v, device=device, dtype=dtype)  # (B*T, V) gradient of the logits
 
     def step() -> torch.Tensor:
         total = torch.zeros((), device=device)
@@ -147,7 +156,7 @@ def matmul_step(cfg: Config, args: argparse.Namespace, device: torch.device) -> 
         return total
 
     flops = heads * 3 * 2 * args.batch_size * t * h * v
-    return step, {"gflop_per_step": round(flops / 1e9, 2)}
+    return step, {"gflop_per_step": round(flops / 1e9, 2), "precision": precision.name}
 
 
 def original(cfg: Config, args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], float], dict]:

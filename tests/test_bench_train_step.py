@@ -15,8 +15,8 @@ TINY = ["--config", "configs/demo.yaml", "--batch-size", "2", "--image-size", "3
         "--warmup-steps", "0", "model.textual.hidden=64", "model.visual_width=16", "model.vocab_size=64"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *TINY, *args], capture_output=True, text=True,
+def _run(*args: str, overrides: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args, *TINY, *overrides], capture_output=True, text=True,
                           timeout=300, check=False, cwd=SCRIPT.parents[1])
 
 
@@ -26,6 +26,15 @@ def test_a_part_prints_one_json_line(part):
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert line["part"] == part and line["images_per_s"] > 0 and line["batch_size"] == 2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("part", ["backbone", "head", "matmuls"])
+def test_the_limits_run_under_the_step_s_precision(part, precision):
+    proc = _run("--part", part, overrides=(f"train.precision={precision}",))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["part"] == part and line["precision"] == precision and line["images_per_s"] > 0
 
 
 def test_original_without_a_checkout_says_what_it_needs(tmp_path):
