@@ -10,6 +10,10 @@ convolutions, its weights channels-last), and that copy on channels-last inputs 
 folded weights are not the identity.
 Ends with one JSON line: seconds per batch of each, images per second and the largest difference
 of the features from the training module's.
+
+``--compile BACKEND`` also times the last one through ``torch.compile`` (what ``capvis features --compile``
+runs): ``compile_s`` (the first call, compiling), the compiled seconds per batch, and ``break_even_images``,
+the number of images past which compiling has paid for itself (null when compiled is not faster).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -25,15 +30,32 @@ from torch import Tensor
 from capvis.config import load_config
 from capvis.models.backbones.base import Backbone
 from capvis.tasks import build_task
+from capvis.train.precision import compile_model
 
 
-def seconds(backbone: Backbone, images: Tensor, repeats: int) -> tuple[float, Tensor]:
+def seconds(backbone: Backbone | Callable[[Tensor], Tensor], images: Tensor, repeats: int) -> tuple[float, Tensor]:
+    forward = backbone.pooled if isinstance(backbone, Backbone) else backbone
     with torch.no_grad():
-        out = backbone.pooled(images)  # warm-up
+        out = forward(images)  # warm-up
         start = time.perf_counter()
         for _ in range(repeats):
-            out = backbone.pooled(images)
+            out = forward(images)
     return (time.perf_counter() - start) / repeats, out
+
+
+def compiled(fast: Backbone, images: Tensor, repeats: int, backend: str, eager_s: float, ref: Tensor) -> dict:
+    """The compiled forward's first call (compiling), its steady seconds per batch, and the break-even."""
+    forward = compile_model(fast.pooled, backend=backend, device=images.device, option="--compile")
+    start = time.perf_counter()
+    with torch.no_grad():
+        forward(images)
+    compile_s = time.perf_counter() - start
+    steady_s, out = seconds(forward, images, repeats)
+    per_image_saved = (eager_s - steady_s) / images.shape[0]
+    return {"compile_backend": backend, "compile_s": round(compile_s, 2), "compiled_s": round(steady_s, 4),
+            "compiled_images_per_s": round(images.shape[0] / steady_s, 1),
+            "break_even_images": round(compile_s / per_image_saved) if per_image_saved > 0 else None,
+            "compiled_max_abs_diff": float((out - ref).abs().max())}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", default=None, metavar="BACKEND", help="also time torch.compile (e.g. inductor)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -64,6 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
                                (("eval_mode", plain_s), ("for_inference", folded_s), ("channels_last", last_s))},
               "speedup": round(plain_s / last_s, 2),
               "max_abs_diff": float(max((folded - ref).abs().max(), (last - ref).abs().max()))}
+    if args.compile:
+        result |= compiled(fast, images.contiguous(memory_format=torch.channels_last), args.repeats, args.compile,
+                           last_s, ref)
     print(json.dumps(result))
     return result
 

@@ -62,6 +62,10 @@ def test_features_of_a_folder_in_sorted_order(world, tiny_run, tmp_path, capsys)
                    str(out), "--stage", "layer3", "--loader-workers", "0"], capsys)
     files = json.loads(out.with_suffix(".json").read_text())["files"]
     assert files == sorted(p.name for p in (world / "test").iterdir()) and res["shape"] == [16, 256]
+    compiled = tmp_path / "g.npy"  # --compile BACKEND: the same features through torch.compile
+    run_cli(["features", "--checkpoint", str(tiny_run), "--images", str(world / "test"), "--output",
+             str(compiled), "--stage", "layer3", "--loader-workers", "0", "--compile", "aot_eager"], capsys)
+    np.testing.assert_allclose(np.load(compiled), np.load(out), rtol=1e-5, atol=1e-6)
 
 
 def write_voc_from_world(root, world, difficult=False, num_classes=8):

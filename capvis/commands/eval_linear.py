@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.eval.common import (add_image_arguments, add_model_arguments, add_probe_arguments, add_stage_argument,
+from capvis.eval.common import (add_image_arguments, add_model_arguments, add_probe_arguments, add_feature_arguments,
                                 add_runtime_arguments)
 
 COMMAND = ("eval", "linear")
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.3, help="initial LR, cosine-decayed to 0 (default 0.3)")
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    add_stage_argument(parser)
+    add_feature_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cached-features", action="store_true",
                         help="FAST PATH (not the paper protocol): logistic regression on cached center-crop "
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cached_features:
         result = linear_probe_cached(model.backbone, args.train, args.val, cache_dir=args.cache_dir,
                                      source=model.source, weight_decays=weight_decays, holdout=holdout,
-                                     **kwargs)
+                                     compile=args.compile, **kwargs)
     else:
         result = linear_probe(model.backbone, args.train, args.val, epochs=args.epochs, lr=args.lr,
                               momentum=args.momentum, weight_decay=args.weight_decay, **kwargs)

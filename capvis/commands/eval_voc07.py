@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments, add_stage_argument
+from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments, add_feature_arguments
 
 COMMAND = ("eval", "voc07")
 HELP = "VOC2007 classification mAP with per-class linear SVMs on frozen features (paper A.1)"
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voc-root", required=True, help="VOCdevkit/VOC2007 (or the VOCdevkit folder above it)")
     parser.add_argument("--train-split", default="trainval", help="split to train the SVMs on (default trainval)")
     parser.add_argument("--test-split", default="test", help="split to report mAP on (default test)")
-    add_stage_argument(parser)
+    add_feature_arguments(parser)
     parser.add_argument("--cache-dir", default=None, help="reuse/write extracted features here")
     parser.add_argument("--workers", type=int, default=None,
                         help="liblinear solver: processes training SVM classes in parallel (default: all cores)")
@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     test_paths, test_y, _ = read_voc07(args.voc_root, args.test_split)
     model = load_model(args)
     kwargs = dict(image_size=args.image_size, resize=args.resize, stage=args.stage, batch_size=args.batch_size,
-                  num_workers=args.loader_workers, device=resolve_device(args.device), progress=True)
+                  num_workers=args.loader_workers, device=resolve_device(args.device), compile=args.compile,
+                  progress=True)
     train_x = cached_features(model.backbone, train_paths, cache_dir=args.cache_dir, source=model.source, **kwargs)
     test_x = cached_features(model.backbone, test_paths, cache_dir=args.cache_dir, source=model.source, **kwargs)
     result = train_eval_svms(train_x, train_y, test_x, test_y, workers=args.workers, class_names=classes,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments, add_stage_argument
+from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments, add_feature_arguments
 
 COMMAND = ("features",)
 HELP = "extract pooled backbone features of a folder or label file into a .npy file"
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image folder of --labels (default: DIR/<split> for DIR/annotations/labels_<split>.json, "
                              "else the label file's folder)")
     parser.add_argument("--output", required=True, help="output .npy file (a .json sidecar is written beside it)")
-    add_stage_argument(parser)
+    add_feature_arguments(parser)
     add_image_arguments(parser)
     add_runtime_arguments(parser, batch_size=128, workers=4)
 
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     image_size = args.image_size or model.config.data.image_size
     resize = args.resize or default_resize(image_size)
     feats = extract_features(model.backbone, paths, image_size=image_size, resize=resize, stage=args.stage,
-                             batch_size=args.batch_size, num_workers=args.loader_workers, device=device, progress=True)
+                             batch_size=args.batch_size, num_workers=args.loader_workers, device=device,
+                             compile=args.compile, progress=True)
     out = Path(args.output)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")

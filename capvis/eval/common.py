@@ -77,12 +77,16 @@ def decode_settings(args: argparse.Namespace):  # -> DecodeSettings (imported la
                           max_steps=args.max_steps, seed=args.seed)
 
 
-def add_stage_argument(parser: argparse.ArgumentParser) -> None:
-    """``--stage``: which backbone output is pooled; names depend on the backbone (checked when it is loaded)."""
+def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
+    """How frozen features are computed: ``--stage`` (which backbone output is pooled; names depend on the
+    backbone, checked when it is loaded) and ``--compile`` (the extraction through ``torch.compile``)."""
     parser.add_argument("--stage", default=None,
                         help="intermediate stage to pool instead of the final features: a ResNet's layer1..layer4, "
                              "a timm model's feature_info module (e.g. blocks.5, stages.2); default: the final "
                              "features (model.pool)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="extract features through torch.compile (default backend inductor); pays on large "
+                             "image sets, where compiling takes less than it saves (docs/evaluation.md)")
 
 
 def add_label_file_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +102,7 @@ def add_label_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features-test", default=None, help="precomputed features of --test")
     parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                         help="score only these tasks of the label files (default: all)")
-    add_stage_argument(parser)
+    add_feature_arguments(parser)
     parser.add_argument("--cache-dir", default=None, help="reuse/write extracted features here")
 
 
@@ -141,7 +145,7 @@ def label_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[d
         model.backbone, args.train, args.test, images_train=args.images_train, images_test=args.images_test,
         image_size=args.image_size or model.config.data.image_size, resize=args.resize, stage=args.stage,
         batch_size=args.batch_size, num_workers=args.loader_workers, device=resolve_device(args.device),
-        cache_dir=args.cache_dir, source=model.source)
+        compile=args.compile, cache_dir=args.cache_dir, source=model.source)
     return tasks, train_entries, train_x, test_entries, test_x, model.source
 
 

@@ -152,7 +152,7 @@ def label_file_features(backbone: nn.Module, train_labels: str | Path, test_labe
                         images_train: str | Path | None = None, images_test: str | Path | None = None,
                         image_size: int = 224, resize: int | None = None, stage: str | None = None,
                         batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
-                        cache_dir: str | Path | None = None, source: str = "random"
+                        compile: str | None = None, cache_dir: str | Path | None = None, source: str = "random"
                         ) -> tuple[dict[str, list[str]], list[dict], np.ndarray, list[dict], np.ndarray]:
     """``(tasks, train_entries, train_x, test_entries, test_x)``: both files read and checked, the frozen
     ``backbone``'s features (eval mode, protocol preprocessing) of their images in file order."""
@@ -162,7 +162,7 @@ def label_file_features(backbone: nn.Module, train_labels: str | Path, test_labe
     test_tasks, test_entries, test_paths = label_file_images(test_labels, images_test)
     check_same_tasks(tasks, test_tasks)
     kwargs = dict(image_size=image_size, resize=resize, stage=stage, batch_size=batch_size,
-                  num_workers=num_workers, device=device)
+                  num_workers=num_workers, device=device, compile=compile)
     train_x = cached_features(backbone, train_paths, cache_dir=cache_dir, source=source, **kwargs)
     test_x = cached_features(backbone, test_paths, cache_dir=cache_dir, source=source, **kwargs)
     return tasks, train_entries, train_x, test_entries, test_x

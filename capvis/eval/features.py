@@ -18,6 +18,7 @@ float32 (bf16 is slower there). Batches are loaded by a DataLoader
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from capvis.data.datasets import load_image
 from capvis.data.transforms import build_eval_transform
 from capvis.models.backbones.base import Backbone
+from capvis.train.precision import compile_model
 
 log = logging.getLogger(__name__)
 KEY_VERSION = 4  # bump when extraction changes in a way the key does not see
@@ -68,12 +70,16 @@ def precision(device: str | torch.device) -> str:
 @torch.no_grad()
 def extract_features(backbone: Backbone, paths: Sequence[str | Path], *, image_size: int,
                      resize: int | None = None, batch_size: int = 64, num_workers: int = 0,
-                     device: str | torch.device = "cpu", stage: str | None = None, progress: bool = False
-                     ) -> np.ndarray:
-    """(N, C) float32 features of ``paths`` in order."""
+                     device: str | torch.device = "cpu", stage: str | None = None, compile: str | None = None,
+                     progress: bool = False) -> np.ndarray:
+    """(N, C) float32 features of ``paths`` in order; ``compile`` (a backend name) runs the forward through
+    ``torch.compile`` (the same features to float rounding; eager with one warning where it cannot run)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     backbone = backbone.for_inference().to(device, memory_format=torch.channels_last)
+    forward = functools.partial(stage_features, backbone, stage=stage)
+    if compile:
+        forward = compile_model(forward, backend=compile, device=device, option="--compile")
     loader = DataLoader(ImageListDataset(paths, image_size, resize or default_resize(image_size)),
                         batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -82,7 +88,7 @@ def extract_features(backbone: Backbone, paths: Sequence[str | Path], *, image_s
     for images in tqdm(loader, desc=f"features {stage or 'final'}", disable=not progress):
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast:
-            out.append(stage_features(backbone, images, stage).float().cpu())
+            out.append(forward(images).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 

@@ -198,14 +198,14 @@ def linear_probe_cached(backbone: nn.Module, train_dir: str | Path, val_dir: str
                         resize: int | None = None, stage: str | None = None, batch_size: int = 256, num_workers: int = 4,
                         device: str | torch.device = "cpu", seed: int = 0, cache_dir: str | Path | None = None,
                         source: str = "random", weight_decays: Sequence[float] = WEIGHT_DECAYS,
-                        holdout: float = 0.2) -> dict[str, Any]:
+                        holdout: float = 0.2, compile: str | None = None) -> dict[str, Any]:
     """FAST PATH, not the paper protocol: multinomial logistic regression on cached center-crop features
     (no augmentation), a sweep of weight decays solved at once, the best on a held-out split of train."""
     from capvis.eval.features import cached_features
 
     train, val = image_folders(train_dir, val_dir, image_size=image_size, resize=resize, augment=False)
     kwargs = dict(image_size=image_size, resize=resize or default_resize(image_size), stage=stage,
-                  batch_size=batch_size, num_workers=num_workers, device=device)
+                  batch_size=batch_size, num_workers=num_workers, device=device, compile=compile)
     feats = [cached_features(backbone, [p for p, _ in split.samples], cache_dir=cache_dir, source=source, **kwargs)
              for split in (train, val)]
     result = probe_accuracy(feats[0], np.array(train.targets), feats[1], np.array(val.targets), len(train.classes),

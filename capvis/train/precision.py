@@ -7,12 +7,13 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Callable, ContextManager, TypeVar
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Callable)  # a module or a function: what torch.compile takes
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,12 @@ def use_channels_last(requested: bool, device: torch.device) -> bool:
     return requested and device.type == "cuda"
 
 
-def compile_model(model: nn.Module, *, backend: str = "inductor", device: torch.device) -> nn.Module:
+def compile_model(model: M, *, backend: str = "inductor", device: torch.device, option: str = "train.compile") -> M:
     """``torch.compile(model)``, or ``model`` itself with one warning line when ``backend`` cannot run here
     (unknown name, no C++ compiler for inductor on CPU, no Triton on GPU): a tiny function is compiled
     and run first, since torch compiles lazily and would otherwise fail inside the first step.
 
-    The compiled wrapper is for running only: callers keep the plain module for state dicts, so
+    ``option`` names the setting in that line. The compiled wrapper is for running only: callers keep the plain module for state dicts, so
     checkpoints never hold ``_orig_mod.`` keys and load without compile.
     """
     try:
@@ -80,7 +81,7 @@ def compile_model(model: nn.Module, *, backend: str = "inductor", device: torch.
         probe(torch.ones(8, device=device))
     except Exception as exc:  # noqa: BLE001 - any backend failure means: run eagerly
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        log.warning("train.compile: backend %r is unavailable on %s (%s: %s); training runs eagerly",
-                    backend, device.type, type(exc).__name__, reason)
+        log.warning("%s: backend %r is unavailable on %s (%s: %s); running eagerly",
+                    option, backend, device.type, type(exc).__name__, reason)
         return model
     return torch.compile(model, backend=backend)
