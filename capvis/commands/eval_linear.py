@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.eval.common import (add_image_arguments, add_model_arguments, add_probe_arguments, add_feature_arguments,
-                                add_runtime_arguments)
+from capvis.eval.common import (
+    add_feature_arguments,
+    add_image_arguments,
+    add_model_arguments,
+    add_probe_arguments,
+    add_runtime_arguments,
+)
 
 COMMAND = ("eval", "linear")
 HELP = "linear probe on frozen backbone features over ImageFolder train/val folders (top-1/top-5)"

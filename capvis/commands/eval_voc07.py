@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments, add_feature_arguments
+from capvis.eval.common import (
+    add_feature_arguments,
+    add_image_arguments,
+    add_model_arguments,
+    add_runtime_arguments,
+)
 
 COMMAND = ("eval", "voc07")
 HELP = "VOC2007 classification mAP with per-class linear SVMs on frozen features (paper A.1)"

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import argparse
 
-from capvis.eval.common import add_image_arguments, add_model_arguments, add_runtime_arguments, add_feature_arguments
+from capvis.eval.common import (
+    add_feature_arguments,
+    add_image_arguments,
+    add_model_arguments,
+    add_runtime_arguments,
+)
 
 COMMAND = ("features",)
 HELP = "extract pooled backbone features of a folder or label file into a .npy file"

@@ -73,8 +73,8 @@ def compile_model(model: M, *, backend: str = "inductor", device: torch.device, 
     (unknown name, no C++ compiler for inductor on CPU, no Triton on GPU): a tiny function is compiled
     and run first, since torch compiles lazily and would otherwise fail inside the first step.
 
-    ``option`` names the setting in that line. The compiled wrapper is for running only: callers keep the plain module for state dicts, so
-    checkpoints never hold ``_orig_mod.`` keys and load without compile.
+    ``option`` names the setting in that line. The compiled wrapper is for running only: callers keep the
+    plain module for state dicts, so checkpoints never hold ``_orig_mod.`` keys and load without compile.
     """
     try:
         probe = torch.compile(lambda x: torch.relu(x) * 2 + 1, backend=backend, fullgraph=True)
