@@ -64,7 +64,7 @@ def test_reused_for_the_same_inputs_and_equal_to_extraction(backbone, pictures, 
     np.testing.assert_allclose(first, F.extract_features(backbone, pictures, image_size=16), atol=1e-6)
 
 
-def test_key_changes_with_weights_files_transform_and_stage(backbone, pictures, tmp_path):
+def test_key_changes_with_weights_files_transform_and_stage(backbone, pictures, tmp_path, monkeypatch):
     def key(model=backbone, paths=pictures, **kw):
         return F.feature_key(model, paths, **{"image_size": 16, **kw})[0]
 
@@ -73,7 +73,13 @@ def test_key_changes_with_weights_files_transform_and_stage(backbone, pictures, 
     assert key(paths=pictures[::-1]) != base  # order of rows
     assert key(paths=pictures[:-1]) != base
     assert key(resize=24) != base and key(image_size=24) != base and key(stage="layer3") != base
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert key(device="cuda") != base  # bf16 features are other numbers
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert key() == base  # the suite keeps auto at fp32 (conftest)
+    monkeypatch.delenv("CAPVIS_AUTO_CPU_BF16")
+    assert key() == key(device="cuda") != base  # an AMX CPU extracts in bf16 as CUDA does
+    monkeypatch.setenv("CAPVIS_AUTO_CPU_BF16", "0")
     other = type(backbone)  # same architecture, one weight nudged
     changed = build_task(load_config(None, TINY), 16).visual
     changed.load_state_dict(backbone.state_dict())
@@ -116,3 +122,13 @@ def test_compiled_extraction_gives_the_same_features(backbone, pictures, monkeyp
     np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-6)
     fallback = F.extract_features(backbone, pictures, image_size=16, batch_size=2, compile="no_such_backend")
     np.testing.assert_array_equal(fallback, eager)
+
+
+def test_an_amx_cpu_extracts_under_bf16_autocast(backbone, pictures, monkeypatch):
+    fp32 = F.extract_features(backbone, pictures, image_size=16, batch_size=2)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.delenv("CAPVIS_AUTO_CPU_BF16")
+    bf16 = F.extract_features(backbone, pictures, image_size=16, batch_size=2)
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert not np.array_equal(bf16, fp32)  # other arithmetic ran
+    np.testing.assert_allclose(bf16, fp32, rtol=0.1, atol=0.05 * float(np.abs(fp32).max()))

@@ -10,14 +10,13 @@ size; ``resize = image_size * 8/7`` in general).
 
 The forward runs on the backbone's inference copy (:meth:`Backbone.for_inference`: a ResNet's
 BatchNorms folded into its convolutions) with channels-last inputs, 1.4-1.6x faster on CPU (bench:
-``bench/features.py``); on CUDA under bf16 autocast (features are returned in float32), on CPU in
-float32 (bf16 is slower there). Batches are loaded by a DataLoader
-(``num_workers`` processes, pinned memory on CUDA).
+``bench/features.py``); under bf16 autocast where the device multiplies bf16 in hardware (CUDA, AMX
+CPUs; features are returned in float32), in float32 elsewhere (emulated bf16 is slower). Batches are
+loaded by a DataLoader (``num_workers`` processes, pinned memory on CUDA).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from capvis.data.datasets import load_image
 from capvis.data.transforms import build_eval_transform
 from capvis.models.backbones.base import Backbone
-from capvis.train.precision import compile_model
+from capvis.train.precision import Precision, compile_model, resolve_precision
 
 log = logging.getLogger(__name__)
 KEY_VERSION = 4  # bump when extraction changes in a way the key does not see
@@ -62,9 +61,10 @@ def stage_features(backbone: nn.Module, images: Tensor, stage: str | None = None
     return backbone.pooled(images, stage)
 
 
-def precision(device: str | torch.device) -> str:
-    """``bf16`` (autocast, channels-last) on CUDA, ``fp32`` elsewhere: part of the cache key."""
-    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+def precision(device: str | torch.device) -> Precision:
+    """bf16 autocast where the device multiplies bf16 in hardware (CUDA, AMX CPUs: ``train.precision=auto``'s
+    rule), fp32 elsewhere; its name is part of the cache key."""
+    return resolve_precision("auto", torch.device(device))
 
 
 @torch.no_grad()
@@ -82,7 +82,7 @@ def extract_features(backbone: Backbone, paths: Sequence[str | Path], *, image_s
         forward = compile_model(forward, backend=compile, device=device, option="--compile")
     loader = DataLoader(ImageListDataset(paths, image_size, resize or default_resize(image_size)),
                         batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = precision(device).autocast()
     out = []
     backbone.check_stage(stage)
     for images in tqdm(loader, desc=f"features {stage or 'final'}", disable=not progress):
@@ -109,7 +109,7 @@ def feature_key(backbone: nn.Module, paths: Sequence[str | Path], *, image_size:
     transform, the stage and the precision, and the readable settings it covers (for the sidecar)."""
     resize = resize or default_resize(image_size)
     settings = {"version": KEY_VERSION, "weights": weights_digest(backbone), "stage": stage,
-                "image_size": image_size, "resize": resize, "precision": precision(device),
+                "image_size": image_size, "resize": resize, "precision": precision(device).name,
                 "transform": repr(build_eval_transform(image_size, resize)), "images": len(paths)}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for p in paths:
