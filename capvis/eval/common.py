@@ -85,8 +85,8 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
                              "a timm model's feature_info module (e.g. blocks.5, stages.2); default: the final "
                              "features (model.pool)")
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                        help="extract features through torch.compile (default backend inductor); pays on large "
-                             "image sets, where compiling takes less than it saves (docs/evaluation.md)")
+                        help="extract features through torch.compile (default backend inductor): for GPUs and "
+                             "large image sets; on a 2-core CPU it did not pay (docs/evaluation.md)")
 
 
 def add_label_file_arguments(parser: argparse.ArgumentParser) -> None:
