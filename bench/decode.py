@@ -8,6 +8,9 @@ By default the steps are forced: [EOS] is banned, so every hypothesis decodes ``
 current decoder stop early). Timing covers the whole caption: backbone, cache set-up and every step.
 ``--decoder legacy`` times the decoder this one replaced (kept here only for the comparison);
 ``--backbone training`` runs the training module instead of the task's ``for_inference()`` view.
+``--compare`` times the legacy decoder on the training module (the caption commands before issue 13)
+against the current one on the inference view, alternating batch by batch for ``--repeats`` rounds, so a
+noisy machine slows both alike; it prints their medians, ``speedup`` and ``same_captions``.
 ``--checkpoint C --images DIR`` decodes the first ``--batch-size`` images of DIR (sorted, the
 checkpoint's eval transform) with trained weights instead, where ``--no-force`` measures early exit;
 the line then carries the captions' token ids, to compare decoders.
@@ -21,7 +24,9 @@ images_per_s, seconds_per_batch, the limit figures and the settings.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import statistics
 import sys
 import time
 from typing import Callable
@@ -104,6 +109,32 @@ def limit_figures(task, images: Tensor, beam: int, steps: int, repeats: int) -> 
             "limit_s": round(visual + kv + steps * step, 3)}
 
 
+def compare(task, images: Tensor, kwargs: dict, repeats: int, warmup: int) -> dict[str, object]:
+    """The decoder before issue 13 (legacy, on the training module) against today's (current, on the
+    inference view), interleaved batch by batch so that both see the same machine: median seconds a
+    batch of each, their ratio, and whether every caption is the same."""
+    runs = {"legacy": functools.partial(legacy_beam_search, task, images, **kwargs),
+            "current": functools.partial(decode, task.for_inference(), images, method="beam", **kwargs)}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    tokens = {}
+    for round_ in range(warmup + repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            out = run()
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+            tokens[name] = out.tokens
+    median = {name: statistics.median(t) for name, t in seconds.items()}
+    b = images.shape[0]
+    return {"legacy_s": round(median["legacy"], 4), "current_s": round(median["current"], 4),
+            "legacy_images_per_s": round(b / median["legacy"], 2),
+            "current_images_per_s": round(b / median["current"], 2),
+            "speedup": round(median["legacy"] / median["current"], 3),
+            "same_captions": tokens["legacy"] == tokens["current"], "rounds": repeats}
+
+
 def trained(checkpoint: str, folder: str | None, n: int, device: torch.device):
     """``(task, config, images)``: a trained captioning task and the first ``n`` images of ``folder``."""
     from pathlib import Path
@@ -133,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", choices=("beam", "greedy", "nucleus"), default="beam")
     p.add_argument("--decoder", choices=("current", "legacy"), default="current",
                    help="beam only: legacy = the decoder before K/V sharing and early exit (comparison)")
+    p.add_argument("--compare", action="store_true",
+                   help="beam only: time the legacy decoder on the training module against the current one on "
+                        "the inference view, interleaved round by round (--repeats rounds); prints medians, "
+                        "speedup and same_captions")
     p.add_argument("--backbone", choices=("inference", "training"), default="inference",
                    help="inference: the task's for_inference() view (BatchNorms folded; what caption commands "
                         "run); training: the training module in eval mode (what they ran before)")
@@ -160,6 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                                         f"data.max_caption_length={max(args.max_steps, 3)}", *args.overrides])
         task = build_task(cfg, cfg.model.vocab_size).to(device).eval()
         images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    if args.compare:
+        if args.method != "beam":
+            p.error("--compare times beam search")
+        banned = (*BANNED_IDS, EOS_ID) if args.force else BANNED_IDS
+        result = compare(task, images, {"beam_size": args.beam_size, "max_steps": args.max_steps,
+                                        "banned_ids": banned}, args.repeats, args.warmup)
+        result.update(checkpoint=args.checkpoint, config=args.config, batch_size=args.batch_size,
+                      beam_size=args.beam_size, max_steps=args.max_steps, forced=args.force,
+                      image_size=args.image_size, device=args.device, threads=torch.get_num_threads())
+        print(json.dumps(result))
+        return 0
     if args.backbone == "inference":
         task = task.for_inference()
     if cfg.train.channels_last and device.type == "cuda":

@@ -73,10 +73,14 @@ def test_folds_are_sklearns_stratified_kfold() -> None:
             assert (np.flatnonzero(fold[:, k] == f) == held_out).all()
 
 
+@pytest.mark.parametrize("preconditioned", [True, False])
 @pytest.mark.parametrize("make", [random_data, separable_data])
 @pytest.mark.parametrize(("hessian_dtype", "tol", "atol"), [(torch.float32, 1e-6, 1e-5), (None, 1e-10, 1e-7)])
-def test_solution_equals_linearsvc(make, hessian_dtype, tol, atol) -> None:
-    """Pure float64 (default) and float32 Hessian products both reach LinearSVC's optimum."""
+def test_solution_equals_linearsvc(make, hessian_dtype, tol, atol, preconditioned, monkeypatch) -> None:
+    """Pure float64 (default) and float32 Hessian products both reach LinearSVC's optimum, with the
+    preconditioned conjugate gradients (few features) and the plain ones (many)."""
+    if not preconditioned:
+        monkeypatch.setattr(svm_batched, "PRECONDITION_MAX_FEATURES", 0)
     train_x, train_y, _, _ = make()
     x = l2_normalize(train_x).astype(np.float64)
     y = np.where(train_y == 1, 1.0, -1.0)  # (N, K)
@@ -95,6 +99,30 @@ def test_solution_equals_linearsvc(make, hessian_dtype, tol, atol) -> None:
         scale = max(1.0, np.abs(ref).max())
         np.testing.assert_allclose(w[:, col].numpy(), ref, rtol=0, atol=atol * scale)
         np.testing.assert_allclose(z[:, col].numpy(), svc.decision_function(x), rtol=0, atol=atol * scale)
+
+
+def test_preconditioning_cuts_conjugate_gradient_steps() -> None:
+    """Non-negative features share one dominant direction; at a large cost the Newton system is
+    ill-conditioned along it. With the same step budget the preconditioned solve is far closer to the
+    exact Newton step, and both converge to it."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.abs(rng.normal(size=(400, 64))) + 3.0)
+    curv2 = torch.from_numpy(np.where(rng.random((400, 3)) < 0.3, 20.0, 0.0))  # active rows at C = 10
+    grad = torch.from_numpy(rng.normal(size=(64, 3)))
+    hessian = torch.eye(64, dtype=torch.float64) + torch.einsum("np,nm,nq->mpq", x, curv2, x)
+    exact = -torch.linalg.solve(hessian, grad.T.unsqueeze(-1))[..., 0].T
+    plain = (x.new_zeros(0), x.new_zeros(64, 0))
+    basis = svm_batched._preconditioner(x)
+    assert basis[1].shape == (64, 64)
+
+    def error(basis, steps: int) -> float:
+        s, xs = svm_batched._conjugate_gradient(x, curv2, grad, torch.zeros(3, dtype=torch.float64), steps, basis)
+        torch.testing.assert_close(xs, x @ s)
+        return float(((s - exact).norm(dim=0) / exact.norm(dim=0)).max())
+
+    assert error(basis, 30) < 1e-5 < error(plain, 30)
+    assert error(basis, 30) * 20 < error(plain, 30)
+    assert error(basis, 200) < 1e-10 and error(plain, 200) < 1e-10
 
 
 def test_held_out_rows_do_not_change_the_solution() -> None:

@@ -154,14 +154,26 @@ def build_train_transform(cfg: DataConfig) -> TrainTransform:
                           color_jitter=tuple(cfg.color_jitter), color_jitter_p=cfg.color_jitter_p)
 
 
+def eval_geometry(image_size: int, resize: int | None = None) -> v2.Compose:
+    """The uint8 part of :func:`build_eval_transform`: shorter side to ``resize`` (default ``image_size``),
+    center crop."""
+    return v2.Compose([v2.Resize(resize or image_size, antialias=True), v2.CenterCrop(image_size)])
+
+
+def eval_normalize() -> v2.Compose:
+    """The float part of :func:`build_eval_transform`: scale to [0, 1], ImageNet normalisation."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))])
+
+
+def normalize_batch(images: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) -> float32, scaled and normalised: :func:`eval_normalize` on a whole batch (the
+    same elementwise arithmetic, so the same values)."""
+    return eval_normalize()(images)
+
+
 def build_eval_transform(image_size: int, resize: int | None = None) -> v2.Compose:
     """Deterministic image-only transform: shorter side to ``resize`` (default ``image_size``), center crop.
 
     VirTex's pretraining val loss resizes to the crop size itself; downstream evaluations pass 256.
     """
-    return v2.Compose([
-        v2.Resize(resize or image_size, antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD)),
-    ])
+    return v2.Compose([*eval_geometry(image_size, resize).transforms, *eval_normalize().transforms])

@@ -12,7 +12,8 @@ The forward runs on the backbone's inference copy (:meth:`Backbone.for_inference
 BatchNorms folded into its convolutions) with channels-last inputs, 1.4-1.6x faster on CPU (bench:
 ``bench/features.py``); under bf16 autocast where the device multiplies bf16 in hardware (CUDA, AMX
 CPUs; features are returned in float32), in float32 elsewhere (emulated bf16 is slower). Batches are
-loaded by a DataLoader (``num_workers`` processes, pinned memory on CUDA).
+loaded by a DataLoader (``num_workers`` processes, pinned memory on CUDA) and their uint8 crops kept
+for the next backbone evaluated on the same images (:mod:`capvis.data.eval_images`).
 """
 
 from __future__ import annotations
@@ -27,28 +28,15 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from capvis.data.datasets import load_image
+from capvis.data.eval_images import eval_batches
 from capvis.data.transforms import build_eval_transform
 from capvis.models.backbones.base import Backbone
 from capvis.train.precision import Precision, compile_model, resolve_precision
 
 log = logging.getLogger(__name__)
 KEY_VERSION = 4  # bump when extraction changes in a way the key does not see
-
-
-class ImageListDataset(Dataset):
-    def __init__(self, paths: Sequence[str | Path], image_size: int, resize: int | None = None) -> None:
-        self.paths = [Path(p) for p in paths]
-        self.transform = build_eval_transform(image_size, resize)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.transform(load_image(self.paths[i]))
 
 
 def default_resize(image_size: int) -> int:
@@ -75,18 +63,18 @@ def extract_features(backbone: Backbone, paths: Sequence[str | Path], *, image_s
     """(N, C) float32 features of ``paths`` in order; ``compile`` (a backend name) runs the forward through
     ``torch.compile`` (the same features to float rounding; eager with one warning where it cannot run)."""
     device = torch.device(device)
-    cuda = device.type == "cuda"
     backbone = backbone.for_inference().to(device, memory_format=torch.channels_last)
     forward = functools.partial(stage_features, backbone, stage=stage)
     if compile:
         forward = compile_model(forward, backend=compile, device=device, option="--compile")
-    loader = DataLoader(ImageListDataset(paths, image_size, resize or default_resize(image_size)),
-                        batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
+    batches = eval_batches(paths, image_size=image_size, resize=resize or default_resize(image_size),
+                           batch_size=batch_size, num_workers=num_workers, device=device,
+                           memory_format=torch.channels_last)
     autocast = precision(device).autocast()
     out = []
     backbone.check_stage(stage)
-    for images in tqdm(loader, desc=f"features {stage or 'final'}", disable=not progress):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    for images in tqdm(batches, desc=f"features {stage or 'final'}", disable=not progress,
+                       total=-(-len(paths) // batch_size)):
         with autocast:
             out.append(forward(images).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)

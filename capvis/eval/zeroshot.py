@@ -40,8 +40,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
+from capvis.data.eval_images import eval_batches
 from capvis.data.tokenizer import Tokenizer
 from capvis.errors import ConfigError, DataError
 from capvis.eval.likelihood import check_likelihood_model, pair_log_likelihood
@@ -106,10 +106,8 @@ def class_embeddings(task: ImageTextEmbedder, tokenizer: Tokenizer, classnames: 
 def image_batches(paths: Sequence[str | Path], *, image_size: int, resize: int | None = None, batch_size: int = 64,
                   workers: int = 0) -> Iterator[Tensor]:
     """(b, 3, S, S) batches of ``paths`` in order: shorter side to ``resize`` (default ``image_size``), crop."""
-    from capvis.eval.features import ImageListDataset
-
-    yield from DataLoader(ImageListDataset(paths, image_size, resize or image_size), batch_size=batch_size,
-                          num_workers=workers)
+    yield from eval_batches(paths, image_size=image_size, resize=resize or image_size, batch_size=batch_size,
+                            num_workers=workers)
 
 
 @torch.no_grad()
