@@ -181,3 +181,43 @@ def test_the_inference_view_captions_the_same_and_leaves_the_task_alone() -> Non
     ref = beam_search(model, x, beam_size=4, max_steps=12)
     model.task = fast
     assert_same(beam_search(model, x, beam_size=4, max_steps=12), ref)
+
+
+def _forced_log_prob(model, image: Tensor, tokens: list[int], max_steps: int) -> float:
+    """Total log-prob of ``tokens`` (+ [EOS] if it ended before ``max_steps``), fed one at a time."""
+    with _eval_mode(model):
+        cache = model.init_decoding(image[None], max_len=max_steps)
+        fed, total = SOS_ID, 0.0
+        targets = tokens + ([EOS_ID] if len(tokens) < max_steps else [])
+        for target in targets:
+            logp = model.decode_step(torch.tensor([fed]), cache).float().log_softmax(dim=-1)[0]
+            logp[list(BANNED_IDS)] = float("-inf")
+            total, fed = total + float(logp[target]), target
+        return total
+
+
+@pytest.mark.parametrize("seed", [6, 8])
+def test_n_best_returns_the_final_beam_best_first(seed) -> None:
+    task, x = EndingModel(seed), images(4, seed=seed)
+    plain = beam_search(task, x, beam_size=4, max_steps=12)
+    assert plain.alternatives is None
+    out = beam_search(task, x, beam_size=4, max_steps=12, n_best=4)
+    assert_same(out, plain)
+    for i, (alts, scores) in enumerate(zip(out.alternatives, out.alternative_scores)):
+        assert 2 <= len(alts) <= 4 and alts[0] == out.tokens[i] and scores[0] == pytest.approx(out.scores[i])
+        assert scores == sorted(scores, reverse=True) and len({tuple(a) for a in alts}) == len(alts)
+        for tokens, score in zip(alts, scores):
+            assert _forced_log_prob(task, x[i], tokens, 12) == pytest.approx(score, abs=1e-4)
+    two = beam_search(task, x, beam_size=4, max_steps=12, n_best=2)
+    assert two.alternatives == [a[:2] for a in out.alternatives]
+    with pytest.raises(Exception, match="n_best"):
+        beam_search(task, x, beam_size=2, max_steps=12, n_best=3)
+
+
+def test_decoding_restores_each_submodules_own_mode() -> None:
+    task = EndingModel(6)
+    task.train()
+    task.task.visual.eval()  # e.g. a backbone kept frozen while the head trains
+    beam_search(task, images(2), beam_size=2, max_steps=4)
+    assert task.training and task.task.textual.training and not task.task.visual.training
+    assert not any(m.training for m in task.task.visual.modules())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 from capvis.cli import main
 
@@ -42,6 +44,19 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     assert "captions.png" in (out / "report.html").read_text()
     assert "6 iterations of batch 8 in fp32 (train.precision=auto)" in md
     assert len(results["captions"]) == 4 and all("caption" in c for c in results["captions"])
+    # bench/caption_truth.py on this run: its beam-5 line is the demo's own figure
+    bench = _load_bench("caption_truth")
+    assert bench.main(["--run", str(out), "--images", "8", "--decoders", "beam5,greedy,rerank3,rerank3_per_token"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line["decoder"] for line in lines] == ["beam5", "greedy", "rerank3", "rerank3_per_token"]
+    assert {k: lines[0][k] for k in truth} == truth and all(line["captions"] == 8 for line in lines)
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_overrides_win_over_the_sizes(tmp_path):

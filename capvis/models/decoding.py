@@ -39,19 +39,23 @@ class Decoded:
     scores: list[float]  # total log-prob of the emitted tokens ([EOS] included when emitted)
     finished: list[bool]  # whether the caption ended with [EOS] within max_steps
     attention: list[Tensor] | None = None  # per image (len(tokens), h, w): cross-attention for each word
+    alternatives: list[list[list[int]]] | None = None  # beam search with n_best > 1: per image, best first
+    alternative_scores: list[list[float]] | None = None  # their scores (as ranked, length penalty included)
 
 
 @contextlib.contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:
-    was_training = isinstance(model, nn.Module) and model.training
-    if was_training:
+    """Eval mode and no gradients inside; afterwards every submodule is back in its own mode (a
+    fine-tuning model's frozen BatchNorms stay in eval mode)."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    if isinstance(model, nn.Module):
         model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        if was_training:
-            model.train()
+        for module, training in modes:
+            module.training = training
 
 
 def _step(model: Decodable, tokens: Tensor, cache: DecodeCache, attention: bool,
@@ -116,11 +120,13 @@ def _token_by_token(model: Decodable, images: Tensor, choose: Callable[[Tensor],
 def beam_search(model: Decodable, images: Tensor, *, beam_size: int = 5, max_steps: int = 30,
                 length_penalty: float = 0.0, sos_id: int = SOS_ID, eos_id: int = EOS_ID,
                 banned_ids: Sequence[int] = BANNED_IDS, return_attention: bool = False,
-                early_stop: bool = True) -> Decoded:
+                early_stop: bool = True, n_best: int = 1) -> Decoded:
     """Beam search: every hypothesis may expand to any of its ``beam_size`` best tokens.
 
     Finished hypotheses stay in the beam with their score frozen. The best hypothesis is the one with
     the highest total log-prob, divided by ``len ** length_penalty`` (0: off, as in VirTex) when set.
+    ``n_best`` > 1 also returns each image's final beam, best first (``Decoded.alternatives``: the
+    ``n_best`` highest-ranked hypotheses, for re-ranking them with another model or head).
 
     Cost: the backbone and every layer's cross-attention K/V run once per image and are shared by its
     beams (one copy per image, not per beam). Each step feeds only the live hypotheses: a finished
@@ -130,9 +136,11 @@ def beam_search(model: Decodable, images: Tensor, *, beam_size: int = 5, max_ste
     next batch's shape). A finished hypothesis never changes, so ``early_stop`` does not change the
     result; it is kept for the other decoders' signature.
     """
+    if not 1 <= n_best <= beam_size:
+        raise ConfigError(f"n_best={n_best} must be between 1 and the beam size ({beam_size})")
     with _eval_mode(model):
         cache = model.init_decoding(images, max_len=max_steps)
-        beams = _Beams.start(cache.batch_size, beam_size, images.device, sos_id)
+        beams = _Beams.start(cache.batch_size, beam_size, images.device, sos_id, n_best)
         cache.regroup(torch.arange(cache.batch_size, device=images.device), beams.slots, beam_size)  # beam 0
         ban = None
         for _ in range(cache.max_len):
@@ -170,15 +178,17 @@ class _Beams:
     tokens: Tensor  # (R,) last ids of the live slots
     attn: Tensor | None = None  # (A*K, t, S) cross-attention of each emitted token
     done: list = field(default_factory=list)  # (image, history, score, attention) of finished images
+    n_best: int = 1
+    ranked: list = field(default_factory=list)  # (n_best histories (n, nb, t), their scores) of finished images
 
     @classmethod
-    def start(cls, b: int, k: int, device: torch.device, sos_id: int) -> "_Beams":
+    def start(cls, b: int, k: int, device: torch.device, sos_id: int, n_best: int = 1) -> "_Beams":
         scores = torch.full((b, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # one hypothesis per image at the start
         slots = torch.arange(b, device=device) * k
         return cls(k=k, image=torch.arange(b, device=device), scores=scores, ended=scores.isinf(),
                    history=torch.empty(b * k, 0, dtype=torch.long, device=device), slots=slots,
-                   tokens=torch.full((b,), sos_id, dtype=torch.long, device=device))
+                   tokens=torch.full((b,), sos_id, dtype=torch.long, device=device), n_best=n_best)
 
     def advance(self, logp: Tensor, weights: Tensor | None, eos_id: int, length_penalty: float
                 ) -> tuple[Tensor | None, Tensor | None]:
@@ -237,6 +247,10 @@ class _Beams:
         rows = which * k + best
         attn = self.attn[rows] if self.attn is not None else None
         self.done.append((self.image[which], self.history[rows], scores.gather(1, best[:, None])[:, 0], attn))
+        if self.n_best > 1:  # a stable sort keeps argmax's choice among ties first
+            order = ranked.argsort(dim=1, descending=True, stable=True)[:, : self.n_best]  # (n, nb)
+            self.ranked.append((self.history[(which.unsqueeze(1) * k + order).view(-1)].view(*order.shape, -1),
+                                ranked.gather(1, order)))
 
     def result(self, eos_id: int, length_penalty: float, grid: tuple[int, int] | None) -> Decoded:
         if len(self.image):  # still searching after max_steps
@@ -249,7 +263,23 @@ class _Beams:
         attn = None
         if self.done[0][3] is not None:
             attn = torch.cat([F.pad(a, (0, 0, 0, steps - a.shape[1])) for *_, a in self.done])[order]
-        return _finish(history[order], scores[order], eos_id, attn, grid)
+        decoded = _finish(history[order], scores[order], eos_id, attn, grid)
+        if self.ranked:
+            decoded.alternatives, decoded.alternative_scores = self._alternatives(order, steps, eos_id)
+        return decoded
+
+    def _alternatives(self, order: Tensor, steps: int, eos_id: int) -> tuple[list, list]:
+        """Per image (in input order), its ``n_best`` hypotheses without [EOS], and their ranking scores;
+        empty slots (-inf) are left out."""
+        history = torch.cat([F.pad(h, (0, steps - h.shape[2]), value=eos_id) for h, _ in self.ranked])[order]
+        scores = torch.cat([s for _, s in self.ranked])[order]
+        tokens, kept = [], []
+        for rows, row_scores in zip(history.tolist(), scores.tolist()):
+            pairs = [(r[: r.index(eos_id)] if eos_id in r else r, sc) for r, sc in zip(rows, row_scores)
+                     if sc != float("-inf")]
+            tokens.append([t for t, _ in pairs])
+            kept.append([sc for _, sc in pairs])
+        return tokens, kept
 
 
 def nucleus_sample(model: Decodable, images: Tensor, *, top_p: float = 0.9, max_steps: int = 30,
