@@ -27,10 +27,9 @@ import torch
 from torch import Tensor
 
 from capvis.data.annotations import read_records
-from capvis.data.tokenizer import EOS_ID, PAD_ID, SOS_ID
 from capvis.demo.caption_truth import caption_truth, world_objects
 from capvis.demo.report import _images
-from capvis.eval.likelihood import pair_log_likelihood
+from capvis.eval.likelihood import pack_captions, pair_log_likelihood
 from capvis.loading import load_pretrained
 from capvis.models.decoding import decode
 
@@ -38,20 +37,10 @@ DECODERS = "beam5,greedy,beam5_lp1,beam10,rerank5,rerank5_per_token,rerank10_per
 CHUNK = 50  # images decoded together, as the demo does
 
 
-def _ids_tensor(captions: list[list[int]], max_len: int) -> tuple[Tensor, Tensor]:
-    """Token id lists -> right-padded (N, T) [SOS] ids [EOS] (cut to ``max_len``) and lengths (N,)."""
-    rows = [[SOS_ID, *ids, EOS_ID][:max_len] for ids in captions]
-    lengths = torch.tensor([len(r) for r in rows])
-    tokens = torch.full((len(rows), int(lengths.max())), PAD_ID, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r)
-    return tokens, lengths
-
-
 def rerank(task, batch: Tensor, alternatives: list[list[list[int]]], max_len: int, per_token: bool) -> list[list[int]]:
     """Each image's alternative with the highest forward + backward log-likelihood (per token if asked)."""
     flat = [(i, ids) for i, alts in enumerate(alternatives) for ids in alts]
-    tokens, lengths = _ids_tensor([ids for _, ids in flat], max_len)
+    tokens, lengths = pack_captions([ids for _, ids in flat], max_len)
     with torch.no_grad():
         grid = task.visual(batch)
         total, counts = pair_log_likelihood(task, grid, tokens, lengths, torch.tensor([i for i, _ in flat]),

@@ -37,7 +37,12 @@ def check_likelihood_model(task: object, what: str) -> CaptionLikelihoodModel:
 
 def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> tuple[Tensor, Tensor]:
     """Texts -> right-padded (N, T) [SOS] ids [EOS] (cut to ``max_len`` as in training) and lengths (N,)."""
-    rows = [[SOS_ID, *tokenizer.encode(normalize_caption(t)), EOS_ID][:max_len] for t in texts]
+    return pack_captions([tokenizer.encode(normalize_caption(t)) for t in texts], max_len)
+
+
+def pack_captions(captions: Sequence[Sequence[int]], max_len: int) -> tuple[Tensor, Tensor]:
+    """Token ids (no [SOS]/[EOS]) -> right-padded (N, T) [SOS] ids [EOS] (cut to ``max_len``) and lengths (N,)."""
+    rows = [[SOS_ID, *ids, EOS_ID][:max_len] for ids in captions]
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     tokens = torch.full((len(rows), int(lengths.max()) if rows else 1), PAD_ID, dtype=torch.long)
     for i, r in enumerate(rows):

@@ -145,7 +145,7 @@ def _conjugate_gradient(x: Tensor, curv2: Tensor, grad: Tensor, stop: Tensor, ma
     step, xstep = torch.zeros_like(grad), torch.zeros_like(curv2)
     cols = torch.arange(grad.shape[1], device=grad.device)  # columns still in the products
     r = -grad
-    z = r - q @ (shrink * (q.T @ r))
+    z = _precondition(r, q, shrink)
     p = z.clone()
     s, xs = torch.zeros_like(p), torch.zeros_like(curv2)  # partial sums of the columns in ``cols``
     rz = torch.linalg.vecdot(r, z, dim=0)
@@ -160,7 +160,7 @@ def _conjugate_gradient(x: Tensor, curv2: Tensor, grad: Tensor, stop: Tensor, ma
         s.addcmul_(p, alpha)
         xs.addcmul_(xp, alpha)
         r.addcmul_(hp, alpha, value=-1.0)
-        z = r - q @ (shrink * (q.T @ r))
+        z = _precondition(r, q, shrink)
         rz_new = torch.linalg.vecdot(r, z, dim=0)
         p = torch.addcmul(z, p, torch.where(going, rz_new / rz, 0.0))
         rz = rz_new
@@ -173,6 +173,11 @@ def _conjugate_gradient(x: Tensor, curv2: Tensor, grad: Tensor, stop: Tensor, ma
                 xs[:, going], going[going], shrink[:, going])
     step[:, cols], xstep[:, cols] = s, xs
     return step, xstep
+
+
+def _precondition(r: Tensor, q: Tensor, shrink: Tensor) -> Tensor:
+    """``M^-1 r`` with ``M^-1 = I - q diag(shrink) q^T`` per column; ``r`` itself when there is no basis."""
+    return r - q @ (shrink * (q.T @ r)) if q.shape[1] else r
 
 
 def _line_search(w: Tensor, step: Tensor, margin: Tensor, v: Tensor, c: Tensor, *, iters: int = 6,
