@@ -376,7 +376,9 @@ def pretrain(cfg: Config, output: str | Path, *, resume: str | None = None, prog
     """Run (or continue) pretraining; returns a summary with the last logged values."""
     trainer = Trainer(cfg, output, resume=resume, progress=progress)
     try:
-        return trainer.run()
+        summary = trainer.run()
+        barrier(trainer.info)  # no rank tears its process group down while another still has gloo work in flight
+        return summary
     finally:
         cleanup(trainer.info)
 
