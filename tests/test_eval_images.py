@@ -15,6 +15,7 @@ from capvis.data import eval_images
 from capvis.data.decode import load_image
 from capvis.data.eval_images import STORE, eval_batches
 from capvis.data.transforms import build_eval_transform
+from capvis.errors import ConfigError
 from capvis.eval.features import extract_features
 from capvis.tasks import build_task
 
@@ -87,6 +88,15 @@ def test_cache_budget_zero_keeps_nothing_and_a_small_budget_evicts_the_oldest(
     assert len(counted_loads) == 12
     list(eval_batches(a, image_size=16))
     assert len(counted_loads) == 15
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf", ""])
+def test_an_unusable_cache_budget_is_a_one_line_error_naming_the_variable(
+        tmp_path: Path, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(eval_images.CACHE_ENV, value)
+    with pytest.raises(ConfigError, match=f"{eval_images.CACHE_ENV}={value!r}") as caught:
+        list(eval_batches(_images(tmp_path, 2), image_size=16))
+    assert "\n" not in str(caught.value)
 
 
 def test_features_of_two_backbones_decode_the_images_once(tmp_path: Path, counted_loads: list[Path]) -> None:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from capvis.data.decode import load_image
 from capvis.data.transforms import eval_geometry, normalize_batch
+from capvis.errors import ConfigError
 
 CACHE_ENV = "CAPVIS_IMAGE_CACHE_MB"
 DEFAULT_CACHE_MB = 1024
@@ -51,10 +52,14 @@ class _Store:
 
     @staticmethod
     def budget() -> int:
+        raw = os.environ.get(CACHE_ENV, str(DEFAULT_CACHE_MB))
         try:
-            return max(0, int(float(os.environ.get(CACHE_ENV, DEFAULT_CACHE_MB)) * 2**20))
+            megabytes = float(raw)
         except ValueError:
-            return DEFAULT_CACHE_MB * 2**20
+            megabytes = float("nan")
+        if not megabytes >= 0 or megabytes == float("inf"):  # also catches nan
+            raise ConfigError(f"{CACHE_ENV}={raw!r}: expected a number of megabytes >= 0 (0 turns the cache off)")
+        return int(megabytes * 2**20)
 
     def get(self, key: tuple) -> Tensor | None:
         images = self.sets.get(key)
