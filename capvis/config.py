@@ -54,6 +54,7 @@ class TextualConfig:
     dropout: float = 0.1
     norm_first: bool = False  # the original VirTex is post-norm
     parallel_fraction: float = 0.0  # captioning: share of samples trained by parallel prediction (CapPa: 0.75)
+    label_smoothing: float = 0.0  # captioning: cross-entropy label smoothing (VirTex: none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +401,8 @@ def validate(cfg: Config) -> Config:
             f"or divisible by model.textual.heads={t.heads}")
     if not 0 <= t.parallel_fraction <= 1:
         raise ConfigError(f"model.textual.parallel_fraction must be in [0, 1], got {t.parallel_fraction}")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"model.textual.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     textual = dataclasses.replace(t, heads=heads, feedforward=t.feedforward or 4 * t.hidden)
     positive = {"data.image_size": cfg.data.image_size, "data.max_caption_length": cfg.data.max_caption_length,
                 "train.batch_size": cfg.train.batch_size, "train.iterations": cfg.train.iterations,

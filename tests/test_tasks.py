@@ -110,6 +110,38 @@ def test_loss_ignores_padding_and_sums_directions() -> None:
     torch.testing.assert_close(caption_loss(logits, tokens), expected)
 
 
+@pytest.mark.parametrize("task_name", ["captioning", "bicaptioning", "coca"])
+def test_label_smoothing_trains_on_the_smoothed_target_and_validates_on_the_plain_loss(task_name: str) -> None:
+    s, batch = 0.1, tiny_batch(3, size=16)
+    tasks = {}
+    for smoothing in (0.0, s):
+        torch.manual_seed(0)
+        tasks[smoothing] = build_task(tiny_cfg(task_name, **{"model.textual.label_smoothing": smoothing}), 40)
+    torch.testing.assert_close(tasks[s].eval()(batch).loss, tasks[0.0].eval()(batch).loss)  # validation
+    plain, smoothed = tasks[0.0].train(), tasks[s].train()
+    assert plain.label_smoothing == 0.0 and smoothed.label_smoothing == s
+    torch.manual_seed(1)
+    logits = smoothed.textual(smoothed.visual(batch["image"]), batch["caption_tokens"])
+    tokens = batch["caption_tokens"]
+    logp, target = logits[:, :-1].log_softmax(-1), tokens[:, 1:]
+    keep = target != 0
+    nll = -logp.gather(-1, target.unsqueeze(-1))[..., 0][keep].mean()
+    uniform = -logp.mean(-1)[keep].mean()  # cross-entropy against the uniform distribution
+    torch.testing.assert_close(smoothed.caption_loss(logits, tokens), (1 - s) * nll + s * uniform)
+    torch.testing.assert_close(plain.caption_loss(logits, tokens), nll)
+    torch.testing.assert_close(smoothed.eval().caption_loss(logits, tokens), nll)  # validation: plain NLL
+    torch.manual_seed(2)
+    train_loss = tasks[s].train()(batch).loss
+    torch.manual_seed(2)
+    assert not torch.equal(train_loss, tasks[0.0].train()(batch).loss)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_label_smoothing_outside_0_1_is_a_config_error(value: float) -> None:
+    with pytest.raises(ConfigError, match="model.textual.label_smoothing"):
+        tiny_cfg(**{"model.textual.label_smoothing": value})
+
+
 @pytest.mark.parametrize("task_name", ["captioning", "bicaptioning"])
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
 def test_every_parameter_gets_a_gradient(task_name: str, backbone: str) -> None:

@@ -31,10 +31,12 @@ from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
 from capvis.tasks.protocols import CaptionHead
 
 
-def caption_loss(logits: Tensor, tokens: Tensor, padding_idx: int = 0) -> Tensor:
-    """Mean cross-entropy of ``logits[:, :-1]`` (B, T, V) against ``tokens[:, 1:]``, padding ignored."""
+def caption_loss(logits: Tensor, tokens: Tensor, padding_idx: int = 0,
+                 label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy of ``logits[:, :-1]`` (B, T, V) against ``tokens[:, 1:]``, padding ignored;
+    ``label_smoothing`` mixes the one-hot target with a uniform one (0: VirTex's loss, bit for bit)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
-                           ignore_index=padding_idx)
+                           ignore_index=padding_idx, label_smoothing=label_smoothing)
 
 
 def reverse_captions(tokens: Tensor, lengths: Tensor) -> Tensor:
@@ -79,11 +81,11 @@ class CaptioningTask(PretextTask):
     """Forward captioning: predict each caption token from the image and the tokens before it."""
 
     def __init__(self, visual: Backbone, textual: TextualHead, *, parallel_fraction: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.visual = visual
         self.textual = textual
-        self.parallel_fraction, self.seed = parallel_fraction, seed
+        self.parallel_fraction, self.seed, self.label_smoothing = parallel_fraction, seed, label_smoothing
         if parallel_fraction > 0:  # off: no buffer, so the state dict stays VirTex's key for key
             self.register_buffer("parallel_steps", torch.zeros((), dtype=torch.long))
         self.register_load_state_dict_pre_hook(_fit_parallel_steps)
@@ -94,7 +96,12 @@ class CaptioningTask(PretextTask):
         visual = build_visual_for(cfg)
         textual = TextualHead(visual_features=visual.num_features, vocab_size=vocab_size,
                               **head_sizes(t, cfg.data.max_caption_length))
-        return cls(visual, textual, parallel_fraction=t.parallel_fraction, seed=cfg.train.seed)
+        return cls(visual, textual, parallel_fraction=t.parallel_fraction, seed=cfg.train.seed,
+                   label_smoothing=t.label_smoothing)
+
+    def caption_loss(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        """The training loss of one head's teacher-forced ``logits`` for ``tokens`` (its own direction)."""
+        return caption_loss(logits, tokens, label_smoothing=self.label_smoothing if self.training else 0.0)
 
     def select_parallel(self, batch: dict[str, Tensor]) -> Tensor | None:
         """Rows of ``batch`` to train by parallel prediction now (None: none, e.g. in eval mode); advances
@@ -112,7 +119,7 @@ class CaptioningTask(PretextTask):
         grid = self.visual(batch["image"])  # (B, C, h, w)
         tokens, lengths = batch["caption_tokens"], _lengths(batch)
         parallel = self.select_parallel(batch)
-        loss = caption_loss(self.textual(grid, tokens, lengths, parallel=parallel), tokens)
+        loss = self.caption_loss(self.textual(grid, tokens, lengths, parallel=parallel), tokens)
         return TaskOutput(loss=loss, logs=_with_share({"loss_forward": loss.detach()}, parallel))
 
     def caption_heads(self) -> list[CaptionHead]:
@@ -154,10 +161,10 @@ class BicaptioningTask(CaptioningTask):
         grid = self.visual(batch["image"])  # (B, C, h, w)
         tokens, lengths = batch["caption_tokens"], _lengths(batch)
         parallel = self.select_parallel(batch)  # the same samples for both heads
-        loss_f = caption_loss(self.textual(grid, tokens, lengths, parallel=parallel), tokens)
+        loss_f = self.caption_loss(self.textual(grid, tokens, lengths, parallel=parallel), tokens)
         reversed_tokens = reverse_captions(tokens, lengths)  # [EOS] wn .. w1 [SOS]
-        loss_b = caption_loss(self.backward_textual(grid, reversed_tokens, lengths, parallel=parallel),
-                              reversed_tokens)
+        loss_b = self.caption_loss(self.backward_textual(grid, reversed_tokens, lengths, parallel=parallel),
+                                   reversed_tokens)
         logs = {"loss_forward": loss_f.detach(), "loss_backward": loss_b.detach()}
         return TaskOutput(loss=loss_f + loss_b, logs=_with_share(logs, parallel))
 

@@ -38,7 +38,7 @@ from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.text_encoder import TextEncoder
 from capvis.models.textual import TextualHead
 from capvis.tasks.base import TASKS, TaskOutput, head_sizes
-from capvis.tasks.captioning import CaptioningTask, caption_loss, reverse_captions
+from capvis.tasks.captioning import CaptioningTask, reverse_captions
 from capvis.tasks.contrastive import ContrastiveObjective, build_text_encoder, contrastive_options
 from capvis.tasks.protocols import CaptionHead
 
@@ -93,8 +93,9 @@ class CocaTask(ContrastiveObjective, CaptioningTask):
     def __init__(self, visual: Backbone, textual: TextualHead, text_encoder: TextEncoder, *,
                  caption_weight: float = 2.0, contrastive_weight: float = 1.0, bidirectional: bool = False,
                  image_pool: str = "attention", parallel_fraction: float = 0.0, seed: int = 0,
-                 **contrastive: Any) -> None:
-        super().__init__(visual, textual, parallel_fraction=parallel_fraction, seed=seed)
+                 label_smoothing: float = 0.0, **contrastive: Any) -> None:
+        super().__init__(visual, textual, parallel_fraction=parallel_fraction, seed=seed,
+                         label_smoothing=label_smoothing)
         weights = (caption_weight, contrastive_weight)
         if not all(math.isfinite(w) and w >= 0 for w in weights) or max(weights) == 0:
             raise ConfigError("model.coca.caption_weight and contrastive_weight must be finite, >= 0 and not "
@@ -117,6 +118,7 @@ class CocaTask(ContrastiveObjective, CaptioningTask):
         return cls(visual, textual, build_text_encoder(cfg, vocab_size), caption_weight=k.caption_weight,
                    contrastive_weight=k.contrastive_weight, bidirectional=k.bidirectional,
                    image_pool=k.image_pool, parallel_fraction=t.parallel_fraction, seed=cfg.train.seed,
+                   label_smoothing=t.label_smoothing,
                    **contrastive_options(m.contrastive))
 
     def embed_grid(self, grid: Tensor) -> Tensor:
@@ -136,12 +138,12 @@ class CocaTask(ContrastiveObjective, CaptioningTask):
         tokens = batch["caption_tokens"]
         lengths = batch["caption_lengths"] if "caption_lengths" in batch else (tokens != 0).sum(dim=1)
         parallel = self.select_parallel(batch)
-        caption = caption_loss(self.textual(grid, tokens, lengths, parallel=parallel), tokens)
+        caption = self.caption_loss(self.textual(grid, tokens, lengths, parallel=parallel), tokens)
         logs = {"loss_forward": caption.detach()}
         if self.backward_textual is not None:
             reversed_tokens = reverse_captions(tokens, lengths)  # [EOS] wn .. w1 [SOS]
-            backward = caption_loss(self.backward_textual(grid, reversed_tokens, lengths, parallel=parallel),
-                                    reversed_tokens)
+            logits = self.backward_textual(grid, reversed_tokens, lengths, parallel=parallel)
+            backward = self.caption_loss(logits, reversed_tokens)
             logs["loss_backward"] = backward.detach()
             caption = caption + backward
         contrastive, contrastive_logs = self.contrastive_loss(self.embed_grid(grid),
