@@ -4,14 +4,27 @@ CSV, mean ± std markdown with the seed-spread verdicts, curves."""
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import os
+import re
 from pathlib import Path
 
 import pytest
 
 from capvis.cli import main
-from capvis.demo.ablate import (BUDGETS, RunSpec, checkpoint_plan, parse_captions, parse_fractions, parse_task,
-                                parse_tasks, plan_runs, run_config, split_list)
+from capvis.demo.ablate import (
+    BUDGETS,
+    RunSpec,
+    checkpoint_plan,
+    parse_captions,
+    parse_fractions,
+    parse_task,
+    parse_tasks,
+    plan_runs,
+    run_config,
+    split_list,
+)
 from capvis.demo.ablate_report import markdown, write_outputs
 from capvis.errors import ConfigError
 
@@ -49,6 +62,31 @@ def test_tiny_ablation_over_two_seeds_writes_every_checkpoint_and_mean_std(tmp_p
     # a second run in the same folder reuses every run's scores
     assert main(argv) == 0
     assert list(csv.DictReader((out / "ablation.csv").open())) == rows
+
+
+@pytest.mark.usefixtures("one_thread")  # both ways one thread a run: the same arithmetic, equal results
+def test_jobs_run_the_grid_in_parallel_processes_with_the_sequential_results(tmp_path, caplog):
+    argv = ["ablate", "--tasks", "bicaptioning:dropout=0,random_init", "--budget", "tiny"]
+    assert main([*argv, "--output", str(tmp_path / "one")]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="capvis.demo.ablate"):
+        assert main([*argv, "--output", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    found = (re.search(r"done \(process (\d+)\)", r.getMessage()) for r in caplog.records)
+    workers = {int(m.group(1)) for m in found if m}
+    assert len(workers) >= 1 and os.getpid() not in workers  # both runs trained in pool processes
+
+    def results(name: str) -> list[dict[str, str]]:
+        rows = list(csv.DictReader((tmp_path / name / "ablation.csv").open()))
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+    one, two = results("one"), results("two")
+    assert len(one) == 3 * len(EVALS) + len(EVALS) and two == one  # same rows, same order
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    assert main(["ablate", "--budget", "tiny", "--jobs", "0", "--output", str(tmp_path / "x")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--jobs must be >= 1" in err and len(err.splitlines()) == 1
 
 
 def test_task_entries_take_generic_config_options():

@@ -111,7 +111,7 @@ def test_loss_ignores_padding_and_sums_directions() -> None:
 
 
 @pytest.mark.parametrize("task_name", ["captioning", "bicaptioning", "coca"])
-def test_label_smoothing_trains_on_the_smoothed_target_and_validates_on_the_plain_loss(task_name: str) -> None:
+def test_label_smoothing_trains_on_the_smoothed_target_and_validates_on_plain_nll(task_name: str) -> None:
     s, batch = 0.1, tiny_batch(3, size=16)
     tasks = {}
     for smoothing in (0.0, s):

@@ -58,7 +58,8 @@ class _Store:
         except ValueError:
             megabytes = float("nan")
         if not megabytes >= 0 or megabytes == float("inf"):  # also catches nan
-            raise ConfigError(f"{CACHE_ENV}={raw!r}: expected a number of megabytes >= 0 (0 turns the cache off)")
+            raise ConfigError(f"{CACHE_ENV}={raw!r}: expected a number of megabytes >= 0 "
+                              "(0 turns the cache off)")
         return int(megabytes * 2**20)
 
     def get(self, key: tuple) -> Tensor | None:
