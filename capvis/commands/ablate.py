@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="demo", help="base pretraining config (default configs/demo.yaml)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each in its own process with an equal share of the CPU threads "
-                             "(default 1; 2 on a 2-core CPU finishes the demo's grid ~1.4x sooner)")
+                             "(default 1; on 2 cores, 2 does ~1.3x the runs an hour for the demo's small model)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -381,6 +381,7 @@ def run_ablation(tasks: Sequence[TaskSpec | str] | None, *, budget: str, output:
     vocab = make_vocab(world, out, sizes.vocab_size)
     configs = [run_config(config, world, vocab, sizes, run, available) for run in runs]
     done: dict[int, list[dict[str, Any]]] = {}
+    rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     for i, pid, run_rows in _results(runs, configs, out, world, vocab, jobs):
         run = runs[i]
@@ -390,5 +391,6 @@ def run_ablation(tasks: Sequence[TaskSpec | str] | None, *, budget: str, output:
         done[i] = [{**head, **r} for r in run_rows]
         log.info("ablation %s: done (process %d), %d of %d runs, %.0f s in all", run.name, pid, len(done),
                  len(runs), time.perf_counter() - started)
-        write_outputs([r for j in sorted(done) for r in done[j]], out)  # after every run: nothing is lost
-    return [r for j in sorted(done) for r in done[j]]
+        rows = [r for j in sorted(done) for r in done[j]]  # the grid's order, whatever finished first
+        write_outputs(rows, out)  # after every run, so a long ablation shows progress and loses nothing
+    return rows
