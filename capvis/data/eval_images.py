@@ -13,6 +13,7 @@ arithmetic as the per-image transform: the batches are the same tensors either w
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -56,8 +57,8 @@ class _Store:
         try:
             megabytes = float(raw)
         except ValueError:
-            megabytes = float("nan")
-        if not megabytes >= 0 or megabytes == float("inf"):  # also catches nan
+            megabytes = math.nan  # not a number: the same error as nan itself
+        if not (math.isfinite(megabytes) and megabytes >= 0):
             raise ConfigError(f"{CACHE_ENV}={raw!r}: expected a number of megabytes >= 0 "
                               "(0 turns the cache off)")
         return int(megabytes * 2**20)
