@@ -237,3 +237,26 @@ def test_summary_text_and_overrides() -> None:
         assert cli.main(["summary", "--config", "bicaptioning_R_50_L1_H2048", "model.task=captioning"]) == 0
     text = out.getvalue()
     assert "task: captioning" in text and "91,899,664" in text  # forward head only
+
+
+@pytest.mark.parametrize(("task_name", "reads_lengths"), [("captioning", False), ("bicaptioning", True),
+                                                         ("coca", True), ("masked_lm", True), ("icmlm", True)])
+def test_caption_lengths_come_from_the_batch_or_the_padding(task_name: str, reads_lengths: bool) -> None:
+    """Every caption task reads a caption's length through one rule (capvis.tasks.base.caption_lengths):
+    the collate's ``caption_lengths``, else the count of non-padding tokens; both give the same loss. Where
+    the loss depends on the lengths (the backward caption is reversed within them, encoders mask by them),
+    lengths that disagree with the padding change it, so the batch's lengths are really read; a forward
+    captioner's causal loss needs no length."""
+    torch.manual_seed(0)
+    task = build_task(tiny_cfg(task_name), 40).eval()
+    batch = tiny_batch(3, size=16)
+    losses = {}
+    for name, lengths in (("given", batch["caption_lengths"]), ("derived", None),
+                          ("shorter", batch["caption_lengths"] - 1)):
+        rows = {k: v for k, v in batch.items() if k != "caption_lengths"}
+        if lengths is not None:
+            rows["caption_lengths"] = lengths
+        torch.manual_seed(1)
+        losses[name] = task(rows).loss
+    torch.testing.assert_close(losses["derived"], losses["given"])
+    assert torch.equal(losses["shorter"], losses["given"]) != reads_lengths

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from capvis.config import Config
 from capvis.data.pipeline import CAPTION_KEYS
+from capvis.data.tokenizer import PAD_ID
 from capvis.models.backbones import Backbone
 from capvis.registry import Registry
 
@@ -81,6 +82,14 @@ class PretextTask(nn.Module):
                 group["param_names"].append(name)
         order = ("visual/decay", "visual/no_decay", "textual/decay", "textual/no_decay")
         return [groups[k] for k in order if k in groups]
+
+
+def caption_lengths(batch: dict[str, Tensor]) -> Tensor:
+    """Tokens a caption has, [SOS] and [EOS] included: the collate's ``caption_lengths`` when the batch
+    carries them (computed once per batch), else the non-padding count of ``caption_tokens``."""
+    if "caption_lengths" in batch:
+        return batch["caption_lengths"]
+    return (batch["caption_tokens"] != PAD_ID).sum(dim=1)
 
 
 def head_sizes(t: Any, max_len: int) -> dict[str, Any]:

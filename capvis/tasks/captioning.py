@@ -27,7 +27,7 @@ from capvis.config import Config
 from capvis.errors import DataError
 from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.textual import DecodeCache, TextualHead
-from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
+from capvis.tasks.base import TASKS, PretextTask, TaskOutput, caption_lengths, head_sizes
 from capvis.tasks.protocols import CaptionHead
 
 
@@ -68,12 +68,6 @@ def parallel_rows(image_ids: Tensor, step: Tensor | int, *, seed: int, fraction:
     for part in ((seed >> 32) & _M32, step & _M32, (step >> 32) & _M32, ids & _M32, (ids >> 32) & _M32):
         h = _mix32(h ^ part)
     return h < int(fraction * 2**32)
-
-
-def _lengths(batch: dict[str, Tensor]) -> Tensor:
-    if "caption_lengths" in batch:
-        return batch["caption_lengths"]
-    return (batch["caption_tokens"] != 0).sum(dim=1)
 
 
 @TASKS.register("captioning")
@@ -117,7 +111,7 @@ class CaptioningTask(PretextTask):
 
     def forward(self, batch: dict[str, Tensor]) -> TaskOutput:
         grid = self.visual(batch["image"])  # (B, C, h, w)
-        tokens, lengths = batch["caption_tokens"], _lengths(batch)
+        tokens, lengths = batch["caption_tokens"], caption_lengths(batch)
         parallel = self.select_parallel(batch)
         loss = self.caption_loss(self.textual(grid, tokens, lengths, parallel=parallel), tokens)
         return TaskOutput(loss=loss, logs=_with_share({"loss_forward": loss.detach()}, parallel))
@@ -159,7 +153,7 @@ class BicaptioningTask(CaptioningTask):
 
     def forward(self, batch: dict[str, Tensor]) -> TaskOutput:
         grid = self.visual(batch["image"])  # (B, C, h, w)
-        tokens, lengths = batch["caption_tokens"], _lengths(batch)
+        tokens, lengths = batch["caption_tokens"], caption_lengths(batch)
         parallel = self.select_parallel(batch)  # the same samples for both heads
         loss_f = self.caption_loss(self.textual(grid, tokens, lengths, parallel=parallel), tokens)
         reversed_tokens = reverse_captions(tokens, lengths)  # [EOS] wn .. w1 [SOS]

@@ -37,7 +37,7 @@ from capvis.models.attention import MultiheadAttention
 from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.text_encoder import TextEncoder
 from capvis.models.textual import TextualHead
-from capvis.tasks.base import TASKS, TaskOutput, head_sizes
+from capvis.tasks.base import TASKS, TaskOutput, caption_lengths, head_sizes
 from capvis.tasks.captioning import CaptioningTask, reverse_captions
 from capvis.tasks.contrastive import ContrastiveObjective, build_text_encoder, contrastive_options
 from capvis.tasks.protocols import CaptionHead
@@ -136,7 +136,7 @@ class CocaTask(ContrastiveObjective, CaptioningTask):
     def forward(self, batch: dict[str, Tensor]) -> TaskOutput:
         grid = self.visual(batch["image"])  # (B, C, h, w), once for both objectives
         tokens = batch["caption_tokens"]
-        lengths = batch["caption_lengths"] if "caption_lengths" in batch else (tokens != 0).sum(dim=1)
+        lengths = caption_lengths(batch)
         parallel = self.select_parallel(batch)
         caption = self.caption_loss(self.textual(grid, tokens, lengths, parallel=parallel), tokens)
         logs = {"loss_forward": caption.detach()}

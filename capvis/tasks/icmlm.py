@@ -22,13 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from capvis.config import Config, TextualConfig, config_from_dict, config_section
-from capvis.data.tokenizer import PAD_ID
 from capvis.errors import CheckpointError, ConfigError
 from capvis.models.attention import TransformerDecoderLayer
 from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.text_encoder import TextEncoder, key_padding_mask
 from capvis.models.textual import TransformerStack, _init_weights
-from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
+from capvis.tasks.base import TASKS, PretextTask, TaskOutput, caption_lengths, head_sizes
 from capvis.tasks.masked_lm import IGNORE_INDEX, MaskedLMConfig, check_masking, mask_tokens, masked_lm_loss
 
 log = logging.getLogger(__name__)
@@ -152,7 +151,7 @@ class ICMLMTask(PretextTask):
 
     def forward(self, batch: dict[str, Tensor]) -> TaskOutput:
         tokens = batch["caption_tokens"]
-        lengths = batch.get("caption_lengths", (tokens != PAD_ID).sum(dim=1))
+        lengths = caption_lengths(batch)
         m = self.masking
         inputs, targets = mask_tokens(tokens, lengths, vocab_size=self.head.output.out_features,
                                       mask_proportion=m.mask_proportion, mask_probability=m.mask_probability,

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from capvis.config import Config, config_section
-from capvis.data.tokenizer import MASK_ID, PAD_ID
+from capvis.data.tokenizer import MASK_ID
 from capvis.errors import ConfigError
 from capvis.models.backbones import Backbone, build_visual_for
 from capvis.models.text_encoder import BidirectionalTextualHead
-from capvis.tasks.base import TASKS, PretextTask, TaskOutput, head_sizes
+from capvis.tasks.base import TASKS, PretextTask, TaskOutput, caption_lengths, head_sizes
 
 IGNORE_INDEX = -100
 FIRST_WORD_ID = MASK_ID + 1  # the special ids (<unk>/padding, [SOS], [EOS], [MASK]) come first
@@ -118,7 +118,7 @@ class MaskedLMTask(PretextTask):
 
     def forward(self, batch: dict[str, Tensor]) -> TaskOutput:
         tokens = batch["caption_tokens"]
-        lengths = batch.get("caption_lengths", (tokens != PAD_ID).sum(dim=1))
+        lengths = caption_lengths(batch)
         inputs, targets = self.mask(tokens, lengths)
         logits = self.textual(self.visual(batch["image"]), inputs, lengths)  # (B, T, V)
         loss = masked_lm_loss(logits, targets)
