@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 from capvis.errors import ConfigError
-
-if TYPE_CHECKING:
-    from capvis.config import Config
 
 CHOICES = {
     "train.optimizer": ("sgd", "adamw"),
@@ -25,8 +22,9 @@ CHOICES = {
 }
 
 
-def validate(cfg: Config) -> Config:
-    """Reject impossible combinations and fill in derived values."""
+def validate(cfg: Any) -> Any:
+    """Reject impossible combinations in a :class:`capvis.config.Config` (typed ``Any``: config imports this
+    module, not the other way round) and return it with the derived values filled in."""
     flat = {"train.optimizer": cfg.train.optimizer, "train.schedule": cfg.train.schedule,
             "train.precision": cfg.train.precision, "train.device": cfg.train.device,
             "train.strategy": cfg.train.strategy, "data.decode_device": cfg.data.decode_device}

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "capvis"
 LAYERS: list[set[str]] = [
-    {"capvis", "errors", "registry", "config", "storage", "distinfo"},  # capvis: __version__ (see below)
+    {"capvis", "errors", "registry", "config", "config_checks", "storage", "distinfo"},  # capvis: __version__ (see below)
     {"data", "world"},  # world writes label files with data's writer; data never imports world
     {"models"},
     {"tasks"},

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capvis.models.attention import MultiheadAttention
+from capvis.models.dropout import Dropout
 from capvis.models.textual import TextualHead, TransformerStack, WordAndPositionalEmbedding, _init_weights
 
 
@@ -64,12 +65,12 @@ class TransformerEncoderLayer(nn.Module):
         self.norm_first = norm_first
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None) -> Tensor:
         """(B, T, E) -> (B, T, E); ``attn_mask`` (B, 1, 1|T, T) True where a key may be attended."""

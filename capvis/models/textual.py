@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from capvis.data.tokenizer import MASK_ID
 from capvis.models.attention import LayerCache, MultiheadAttention, TransformerDecoderLayer
 from capvis.models.checkpointing import checkpointed, wants_checkpoint
+from capvis.models.dropout import Dropout
 
 
 class WordAndPositionalEmbedding(nn.Module):
@@ -32,7 +33,7 @@ class WordAndPositionalEmbedding(nn.Module):
         self.words = nn.Embedding(vocab_size, hidden, padding_idx=padding_idx)
         self.positions = nn.Embedding(max_len, hidden)
         self.layer_norm = nn.LayerNorm(hidden, eps=1e-8)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
         """``tokens`` (B, T) at positions ``start .. start+T-1`` -> (B, T, H)."""
