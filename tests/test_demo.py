@@ -30,10 +30,15 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     assert all(0.0 <= r["value"] <= 100.0 for r in rows if r["value"] == r["value"])
     truth = results["caption_truth"]
     assert truth["captions"] == 8 and 0 <= truth["color_shape_precision"] <= 100
+    false_share = sum(truth[f"{k}_mentions"] for k in ("wrong_shape", "wrong_colour", "misbound"))
+    if truth["mentions_per_caption"]:  # every false mention is false one way: the shares add up
+        assert abs(false_share + truth["color_shape_precision"] - 100) < 0.05
+    assert all(c["count"] > 0 for c in results["shape_confusion"])
     for stage in ("world", "vocabulary", "pretrain_bicaptioning", "eval_bicaptioning", "eval_random_init",
                   "caption_truth", "total"):
         assert results["seconds"][stage] >= 0
-    for name in ("report.md", "report.html", "loss_curve.png", "captions.png", "attention_0.png"):
+    for name in ("report.md", "report.html", "loss_curve.png", "captions.png", "attention_0.png",
+                 "shape_confusion.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
     table_numbers = re.findall(r"\| (\d+\.\d|nan) ", md)

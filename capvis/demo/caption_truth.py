@@ -5,12 +5,18 @@ A *mention* is a colour word followed, within two words (size adjectives, a numb
 noun or its plural: "a big red disc" -> (red, circle); "two blue stars" -> (blue, star). Its precision
 is the share of mentions whose (colour, shape) is in the image; recall is the share of the image's
 distinct (colour, shape) objects that some mention names. Shape nouns alone are scored the same way.
+
+A false mention is wrong in one of three ways, which point at different fixes: its shape is in no object
+(the ConvNet does not see the shape), its colour is in no object, or both are there but on different
+objects (the head binds them wrongly). Where the colour picks out a single object, the pair (that
+object's shape, the shape said) is one cell of a shape confusion matrix.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +24,7 @@ from capvis.world.vocab import COLOR_NAMES, SHAPE_WORDS, plural
 
 _NOUNS: dict[str, str] = {w: shape for shape, words in SHAPE_WORDS.items() for n in words for w in (n, plural(n))}
 _LOOKAHEAD = 3  # colour, then at most two words, then the noun
+ERROR_KINDS = ("wrong_shape", "wrong_colour", "misbound")  # how a false mention is false, in this order
 
 
 def mentions(caption: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -41,10 +48,12 @@ def caption_truth(captions: Mapping[int, str], objects: Mapping[int, Sequence[tu
         objects: image id -> the image's objects as ``(colour, shape)``.
     """
     said = true = shape_said = shape_true = named = total = vague = 0
+    errors: Counter[str] = Counter()
     for image_id, caption in captions.items():
         present = set(objects[image_id])
         pairs, shapes = mentions(caption)
         said, true = said + len(pairs), true + sum(p in present for p in pairs)
+        errors.update(_error(pair, present) for pair in pairs if pair not in present)
         present_shapes = {s for _, s in present}
         shape_said, shape_true = shape_said + len(shapes), shape_true + sum(s in present_shapes for s in shapes)
         named, total = named + len(present & set(pairs)), total + len(present)
@@ -52,7 +61,31 @@ def caption_truth(captions: Mapping[int, str], objects: Mapping[int, Sequence[tu
     pct = lambda a, b: round(100.0 * a / b, 2) if b else 0.0  # noqa: E731
     return {"color_shape_precision": pct(true, said), "object_recall": pct(named, total),
             "shape_precision": pct(shape_true, shape_said), "mentions_per_caption": round(said / max(len(captions), 1), 2),
-            "vague_captions": pct(vague, len(captions)), "captions": len(captions)}
+            "vague_captions": pct(vague, len(captions)), "captions": len(captions),
+            **{f"{kind}_mentions": pct(errors[kind], said) for kind in ERROR_KINDS}}
+
+
+def _error(pair: tuple[str, str], present: set[tuple[str, str]]) -> str:
+    """Which way the false mention ``pair`` is false (a shape in no object counts first)."""
+    colour, shape = pair
+    if shape not in {s for _, s in present}:
+        return "wrong_shape"
+    return "wrong_colour" if colour not in {c for c, _ in present} else "misbound"
+
+
+def shape_confusion(captions: Mapping[int, str], objects: Mapping[int, Sequence[tuple[str, str]]]
+                    ) -> Counter[tuple[str, str]]:
+    """``(true shape, said shape) -> count`` over the mentions whose colour belongs to exactly one object of
+    the image (so which object the caption meant is known); the diagonal counts right shapes."""
+    cells: Counter[tuple[str, str]] = Counter()
+    for image_id, caption in captions.items():
+        by_colour: dict[str, list[str]] = {}
+        for colour, shape in objects[image_id]:
+            by_colour.setdefault(colour, []).append(shape)
+        for colour, said in mentions(caption)[0]:
+            if len(by_colour.get(colour, ())) == 1:
+                cells[(by_colour[colour][0], said)] += 1
+    return cells
 
 
 def world_objects(instances_file: str | Path) -> dict[int, list[tuple[str, str]]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -70,6 +70,33 @@ def caption_grid(pictures: Sequence[np.ndarray], captions: Sequence[str], truths
         ax.set_yticks([])
         ax.imshow(picture, interpolation="nearest")
         ax.set_xlabel(_wrap(f"model: {caption}") + "\n" + _wrap(f"reference: {truth}"), fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def confusion_figure(cells: Mapping[tuple[str, str], int], path: Path) -> Path:
+    """Counts of (true, said) pairs as a matrix, each row shaded by its share, the counts written in."""
+    labels = sorted({t for t, _ in cells} | {s for _, s in cells})
+    counts = np.array([[cells.get((t, s), 0) for s in labels] for t in labels], dtype=float).reshape(len(labels),
+                                                                                                   len(labels))
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = 1.2 + 0.55 * max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=100)
+    if labels:
+        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    else:
+        ax.text(0.5, 0.5, "no mention to count", ha="center", va="center", transform=ax.transAxes)
+    for (i, j), n in np.ndenumerate(counts):
+        if n:
+            ax.text(j, i, f"{int(n)}", ha="center", va="center", fontsize=8,
+                    color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("shape the caption says")
+    ax.set_ylabel("shape of the object of that colour")
+    ax.set_title("shapes in generated captions")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,7 +12,7 @@ import torch
 
 from capvis.data.annotations import read_records
 from capvis.demo import report
-from capvis.demo.caption_truth import caption_truth, world_objects
+from capvis.demo.caption_truth import caption_truth, shape_confusion, world_objects
 from capvis.demo.stages import (
     DemoSizes,
     Timer,
@@ -63,12 +64,14 @@ def run_demo(output: str | Path = "runs/demo", *, seed: int = 0, quick: bool = F
     metrics = {t: metric for t, (metric, _) in scored["bicaptioning"].items()}
     captioner = pretrained.for_inference()  # backbone BatchNorms folded: the same captions, sooner
     pictures = timer.run("report", _pictures, out, captioner, tokenizer, world, cfg, sizes)
-    truth = timer.run("caption_truth", _caption_truth, captioner, tokenizer, world, cfg, sizes)
+    truth, confusion = timer.run("caption_truth", _caption_truth, out, captioner, tokenizer, world, cfg, sizes)
     timer.seconds["total"] = round(time.perf_counter() - start, 2)
     precision = resolve_precision(cfg.train.precision, torch.device(cfg.train.device)).name
     rows = [{"method": m, "task": t, "metric": metrics[t], "value": v} for m, scores in results.items()
             for t, v in scores.items()]
-    summary = {"seed": seed, "quick": quick, "results": rows, "caption_truth": truth, "seconds": timer.seconds,
+    summary = {"seed": seed, "quick": quick, "results": rows, "caption_truth": truth,
+               "shape_confusion": [{"shape": t, "said": s, "count": n} for (t, s), n in sorted(confusion.items())],
+               "seconds": timer.seconds,
                "precision": precision, "config": cfg.to_dict(), "captions": pictures["captions"],
                "final_loss": pictures["final_loss"]}
     write_json(out / "results.json", summary)
@@ -105,8 +108,10 @@ def _pictures(out: Path, task: Any, tokenizer: Any, world: Path, cfg: Any, sizes
             "first_loss": losses[0] if losses else None}
 
 
-def _caption_truth(task: Any, tokenizer: Any, world: Path, cfg: Any, sizes: DemoSizes) -> dict[str, float]:
-    """Beam-search captions of test images, their colour-shape claims checked against the scenes."""
+def _caption_truth(out: Path, task: Any, tokenizer: Any, world: Path, cfg: Any, sizes: DemoSizes
+                   ) -> tuple[dict[str, float], Counter[tuple[str, str]]]:
+    """Beam-search captions of test images, their colour-shape claims checked against the scenes; and the
+    shape confusion of the mentions whose colour names one object (drawn to ``shape_confusion.png``)."""
     records = read_records(world / "annotations" / "captions_test.json")[: sizes.truth_images]
     captions: dict[int, str] = {}
     for lo in range(0, len(records), 50):
@@ -114,7 +119,10 @@ def _caption_truth(task: Any, tokenizer: Any, world: Path, cfg: Any, sizes: Demo
         texts, _, _ = report.caption_images(task, tokenizer, [r.path for r in chunk], cfg.data.image_size,
                                             max_steps=cfg.data.max_caption_length - 1)
         captions.update({r.image_id: text for r, text in zip(chunk, texts)})
-    return caption_truth(captions, world_objects(world / "annotations" / "instances_test.json"))
+    objects = world_objects(world / "annotations" / "instances_test.json")
+    confusion = shape_confusion(captions, objects)
+    report.confusion_figure(confusion, out / "shape_confusion.png")
+    return caption_truth(captions, objects), confusion
 
 
 def _write_report(out: Path, results: dict, metrics: dict, pictures: dict, truth: dict, seconds: dict,
@@ -133,6 +141,12 @@ def _write_report(out: Path, results: dict, metrics: dict, pictures: dict, truth
                      f"and shape; {truth['shape_precision']:.1f}% of shape nouns name a shape in the image; "
                      f"{truth['vague_captions']:.1f}% of captions name no shape at all. Checked against the "
                      "world's scene records, not against reference sentences.", None))
+    sections.append(("How the false mentions are false", f"Of all colour-shape mentions, "
+                     f"{truth['wrong_shape_mentions']:.1f}% name a shape that is in no object, "
+                     f"{truth['wrong_colour_mentions']:.1f}% a colour that is in no object and "
+                     f"{truth['misbound_mentions']:.1f}% a colour and a shape that are both there but on different "
+                     "objects. The matrix counts, for the mentions whose colour belongs to one object only, that "
+                     "object's shape (rows) against the shape the caption says (columns).", "shape_confusion.png"))
     for k, name in enumerate(pictures["attention"]):
         sections.append((f"Attention, test image {k + 1}", "Decoder cross-attention over the visual grid for each "
                          "generated word, averaged over heads and upsampled (paper Figure 6).", name))
