@@ -52,9 +52,9 @@ def caption_truth(captions: Mapping[int, str], objects: Mapping[int, Sequence[tu
     for image_id, caption in captions.items():
         present = set(objects[image_id])
         pairs, shapes = mentions(caption)
+        present_shapes, present_colours = {s for _, s in present}, {c for c, _ in present}
         said, true = said + len(pairs), true + sum(p in present for p in pairs)
-        errors.update(_error(pair, present) for pair in pairs if pair not in present)
-        present_shapes = {s for _, s in present}
+        errors.update(_error(pair, present_shapes, present_colours) for pair in pairs if pair not in present)
         shape_said, shape_true = shape_said + len(shapes), shape_true + sum(s in present_shapes for s in shapes)
         named, total = named + len(present & set(pairs)), total + len(present)
         vague += not pairs and not shapes
@@ -65,12 +65,13 @@ def caption_truth(captions: Mapping[int, str], objects: Mapping[int, Sequence[tu
             **{f"{kind}_mentions": pct(errors[kind], said) for kind in ERROR_KINDS}}
 
 
-def _error(pair: tuple[str, str], present: set[tuple[str, str]]) -> str:
-    """Which way the false mention ``pair`` is false (a shape in no object counts first)."""
+def _error(pair: tuple[str, str], shapes: set[str], colours: set[str]) -> str:
+    """Which way the false mention ``pair`` is false, given the image's shapes and colours (a shape in no
+    object counts first)."""
     colour, shape = pair
-    if shape not in {s for _, s in present}:
+    if shape not in shapes:
         return "wrong_shape"
-    return "wrong_colour" if colour not in {c for c, _ in present} else "misbound"
+    return "wrong_colour" if colour not in colours else "misbound"
 
 
 def shape_confusion(captions: Mapping[int, str], objects: Mapping[int, Sequence[tuple[str, str]]]
