@@ -11,7 +11,9 @@ mentions, the share true of the image; of the image's objects, the share named. 
   log-likelihood (bicaptioning: the backward head reads the caption right to left, so it judges the whole
   sentence); ``rerankK_per_token``: the same divided by the caption's scored tokens.
 
-One JSON line per decoder: ``decoder``, ``seconds`` and the caption-truth figures.
+One JSON line per decoder: ``decoder``, ``seconds`` and the caption-truth figures; with ``--by-size BINS``
+also ``shape_right_by_size``: of the mentions whose colour picks out one object, the share naming its shape
+right, in BINS groups of equal count by the object's extent in pixels (is a wrong shape a small object's?).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import torch
 from torch import Tensor
 
 from capvis.data.annotations import read_records
-from capvis.demo.caption_truth import caption_truth, world_objects
-from capvis.demo.report import _images
+from capvis.demo.caption_truth import caption_truth, shape_right_by_size, world_objects
+from capvis.demo.report import load_images
 from capvis.eval.likelihood import pack_captions, pair_log_likelihood
 from capvis.loading import load_pretrained
 from capvis.models.decoding import decode
@@ -74,24 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="a capvis demo output folder")
     p.add_argument("--images", type=int, default=200, help="first N test images (the demo's 200)")
     p.add_argument("--decoders", default=DECODERS)
+    p.add_argument("--by-size", type=int, default=0, metavar="BINS",
+                   help="also the share of right shapes by object extent, in BINS groups (0: off)")
     args = p.parse_args(argv)
     run = Path(args.run)
     pre = load_pretrained(run / "pretrain")
     task, tokenizer = pre.task.for_inference(), pre.tokenizer
     world = run / "world" / "annotations"
     records = read_records(world / "captions_test.json")[: args.images]
-    objects = world_objects(world / "instances_test.json")
+    objects = world_objects(world / "instances_test.json", extent=True)
     max_steps = pre.config.data.max_caption_length - 1
     chunks = [records[lo:lo + CHUNK] for lo in range(0, len(records), CHUNK)]
-    batches = [_images([r.path for r in chunk], pre.config.data.image_size)[0] for chunk in chunks]
+    batches = [load_images([r.path for r in chunk], pre.config.data.image_size)[0] for chunk in chunks]
     for name in args.decoders.split(","):
         start = time.perf_counter()
         captions = {}
         for chunk, batch in zip(chunks, batches):
             ids = decode_chunk(task, batch, name, max_steps)
             captions.update({r.image_id: tokenizer.decode(t) for r, t in zip(chunk, ids)})
-        print(json.dumps({"decoder": name, "seconds": round(time.perf_counter() - start, 2),
-                          **caption_truth(captions, objects)}), flush=True)
+        line = {"decoder": name, "seconds": round(time.perf_counter() - start, 2), **caption_truth(captions, objects)}
+        if args.by_size:
+            line["shape_right_by_size"] = shape_right_by_size(captions, objects, args.by_size)
+        print(json.dumps(line), flush=True)
     return 0
 
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from capvis.world.export import write_world
-from capvis.demo.caption_truth import caption_truth, mentions, shape_confusion, world_objects
+from capvis.demo.caption_truth import caption_truth, mentions, shape_confusion, shape_right_by_size, world_objects
 
 
 def test_mentions_read_colour_shape_pairs_through_sizes_and_counts():
@@ -38,6 +38,23 @@ def test_shape_confusion_counts_mentions_whose_colour_names_one_object():
     assert cells == {("circle", "square"): 1, ("star", "star"): 2}
 
 
+def test_shape_right_by_size_bins_resolved_mentions_by_extent():
+    objects = {1: [("red", "circle", 10.0), ("blue", "square", 30.0)], 2: [("green", "star", 12.0)],
+               3: [("pink", "ring", 28.0), ("pink", "cross", 5.0)]}
+    captions = {1: "a red square and a blue square", 2: "a green star", 3: "a pink ring"}
+    # resolved: red -> circle (10 px, wrong), blue -> square (30 px, right), green -> star (12 px, right);
+    # pink names two objects: not counted
+    rows = shape_right_by_size(captions, objects, bins=2)
+    assert rows == [{"extent_px": [10.0, 10.0], "mentions": 1, "shape_right": 0.0},
+                    {"extent_px": [12.0, 30.0], "mentions": 2, "shape_right": 100.0}]
+    assert shape_right_by_size(captions, objects, bins=1)[0]["shape_right"] == 66.67
+    assert shape_right_by_size({1: "a big circle"}, objects) == []  # no colour-shape mention: no rows
+    # the extent a third field changes nothing of the truth figures or the matrix
+    plain = {k: [o[:2] for o in v] for k, v in objects.items()}
+    assert caption_truth(captions, objects) == caption_truth(captions, plain)
+    assert shape_confusion(captions, objects) == shape_confusion(captions, plain)
+
+
 def test_confusion_figure_is_written(tmp_path):
     from capvis.demo.report import confusion_figure
 
@@ -58,4 +75,7 @@ def test_ground_truth_captions_of_the_world_are_all_true(tmp_path):
         first.setdefault(ann["image_id"], ann["caption"])
     got = caption_truth(first, objects)
     assert got["color_shape_precision"] == 100.0 and got["shape_precision"] == 100.0
+    sized = world_objects(tmp_path / "annotations" / "instances_test.json", extent=True)
+    assert all(0 < o[2] <= 32 and o[:2] == plain for i in objects for o, plain in zip(sized[i], objects[i]))
+    assert all(row["shape_right"] == 100.0 for row in shape_right_by_size(first, sized, bins=3))
     assert got["captions"] == 60 and got["mentions_per_caption"] > 0.5

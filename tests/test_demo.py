@@ -51,10 +51,13 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     assert len(results["captions"]) == 4 and all("caption" in c for c in results["captions"])
     # bench/caption_truth.py on this run: its beam-5 line is the demo's own figure
     bench = _load_bench("caption_truth")
-    assert bench.main(["--run", str(out), "--images", "8", "--decoders", "beam5,greedy,rerank3,rerank3_per_token"]) == 0
+    assert bench.main(["--run", str(out), "--images", "8", "--decoders", "beam5,greedy,rerank3,rerank3_per_token",
+                       "--by-size", "2"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [line["decoder"] for line in lines] == ["beam5", "greedy", "rerank3", "rerank3_per_token"]
     assert {k: lines[0][k] for k in truth} == truth and all(line["captions"] == 8 for line in lines)
+    resolved = sum(c["count"] for c in results["shape_confusion"])  # the matrix's mentions, binned by size
+    assert sum(row["mentions"] for row in lines[0]["shape_right_by_size"]) == resolved
 
 
 def _load_bench(name: str):

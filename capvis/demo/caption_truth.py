@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from capvis.world.vocab import COLOR_NAMES, SHAPE_WORDS, plural
 
@@ -50,7 +51,7 @@ def caption_truth(captions: Mapping[int, str], objects: Mapping[int, Sequence[tu
     said = true = shape_said = shape_true = named = total = vague = 0
     errors: Counter[str] = Counter()
     for image_id, caption in captions.items():
-        present = set(objects[image_id])
+        present = {obj[:2] for obj in objects[image_id]}  # (colour, shape), whatever follows
         pairs, shapes = mentions(caption)
         present_shapes, present_colours = {s for _, s in present}, {c for c, _ in present}
         said, true = said + len(pairs), true + sum(p in present for p in pairs)
@@ -58,7 +59,7 @@ def caption_truth(captions: Mapping[int, str], objects: Mapping[int, Sequence[tu
         shape_said, shape_true = shape_said + len(shapes), shape_true + sum(s in present_shapes for s in shapes)
         named, total = named + len(present & set(pairs)), total + len(present)
         vague += not pairs and not shapes
-    pct = lambda a, b: round(100.0 * a / b, 2) if b else 0.0  # noqa: E731
+    pct = lambda a, b: round(100.0 * a / b, 2) if b else 0.0
     return {"color_shape_precision": pct(true, said), "object_recall": pct(named, total),
             "shape_precision": pct(shape_true, shape_said), "mentions_per_caption": round(said / max(len(captions), 1), 2),
             "vague_captions": pct(vague, len(captions)), "captions": len(captions),
@@ -74,26 +75,44 @@ def _error(pair: tuple[str, str], shapes: set[str], colours: set[str]) -> str:
     return "wrong_colour" if colour not in colours else "misbound"
 
 
+def _resolved(captions: Mapping[int, str], objects: Mapping[int, Sequence[tuple]]) -> Iterator[tuple[tuple, str]]:
+    """``(the object meant, the shape said)`` for each mention whose colour belongs to exactly one object of the
+    image, so which object the caption meant is known. Objects are ``(colour, shape, ...)`` tuples."""
+    for image_id, caption in captions.items():
+        by_colour: dict[str, list[tuple]] = {}
+        for obj in objects[image_id]:
+            by_colour.setdefault(obj[0], []).append(obj)
+        for colour, said in mentions(caption)[0]:
+            if len(by_colour.get(colour, ())) == 1:
+                yield by_colour[colour][0], said
+
+
 def shape_confusion(captions: Mapping[int, str], objects: Mapping[int, Sequence[tuple[str, str]]]
                     ) -> Counter[tuple[str, str]]:
     """``(true shape, said shape) -> count`` over the mentions whose colour belongs to exactly one object of
-    the image (so which object the caption meant is known); the diagonal counts right shapes."""
-    cells: Counter[tuple[str, str]] = Counter()
-    for image_id, caption in captions.items():
-        by_colour: dict[str, list[str]] = {}
-        for colour, shape in objects[image_id]:
-            by_colour.setdefault(colour, []).append(shape)
-        for colour, said in mentions(caption)[0]:
-            if len(by_colour.get(colour, ())) == 1:
-                cells[(by_colour[colour][0], said)] += 1
-    return cells
+    the image; the diagonal counts right shapes."""
+    return Counter((obj[1], said) for obj, said in _resolved(captions, objects))
 
 
-def world_objects(instances_file: str | Path) -> dict[int, list[tuple[str, str]]]:
-    """image id -> ``(colour, shape)`` of its objects, from a CaptionWorld ``instances_<split>.json``."""
+def shape_right_by_size(captions: Mapping[int, str], objects: Mapping[int, Sequence[tuple[str, str, float]]],
+                        bins: int = 5) -> list[dict[str, Any]]:
+    """Share of the resolved mentions (as in :func:`shape_confusion`) that name the right shape, in ``bins``
+    groups of nearly equal count by the object's extent (``objects`` from ``world_objects(..., extent=True)``).
+    If small objects were the false ones, the image's resolution would cap caption truth; flat rows say
+    the model, not the pixels, is what misses the shape."""
+    found = sorted((obj[2], obj[1] == said) for obj, said in _resolved(captions, objects))
+    groups = [found[len(found) * i // bins: len(found) * (i + 1) // bins] for i in range(bins)]
+    return [{"extent_px": [g[0][0], g[-1][0]], "mentions": len(g),
+             "shape_right": round(100.0 * sum(ok for _, ok in g) / len(g), 2)} for g in groups if g]
+
+
+def world_objects(instances_file: str | Path, *, extent: bool = False) -> dict[int, list[tuple]]:
+    """image id -> ``(colour, shape)`` of its objects, from a CaptionWorld ``instances_<split>.json``; with
+    ``extent``, ``(colour, shape, the longer side of its box in pixels)``."""
     data = json.loads(Path(instances_file).read_text())
     names = {c["id"]: c["name"] for c in data["categories"]}
-    out: dict[int, list[tuple[str, str]]] = {im["id"]: [] for im in data["images"]}
+    out: dict[int, list[tuple]] = {im["id"]: [] for im in data["images"]}
     for ann in data["annotations"]:
-        out[ann["image_id"]].append((ann["color"], names[ann["category_id"]]))
+        obj = (ann["color"], names[ann["category_id"]])
+        out[ann["image_id"]].append((*obj, max(ann["bbox"][2:])) if extent else obj)
     return out

@@ -45,7 +45,8 @@ def loss_curve(metrics: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def _images(paths: Sequence[Path], image_size: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+def load_images(paths: Sequence[Path], image_size: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """The eval-transformed batch a captioner reads, and the untransformed pictures a figure shows."""
     transform = build_eval_transform(image_size, image_size)
     raw = [load_image(p) for p in paths]
     return torch.stack([transform(r) for r in raw]), [r.permute(1, 2, 0).numpy() for r in raw]
@@ -53,7 +54,7 @@ def _images(paths: Sequence[Path], image_size: int) -> tuple[torch.Tensor, list[
 
 def caption_images(task: Any, tokenizer: Tokenizer, paths: Sequence[Path], image_size: int, *,
                    max_steps: int, attention: bool = False) -> tuple[list[str], Any, list[np.ndarray]]:
-    batch, pictures = _images(paths, image_size)
+    batch, pictures = load_images(paths, image_size)
     decoded = decode(task, batch, method="beam", beam_size=5, max_steps=max_steps, return_attention=attention)
     return [tokenizer.decode(t) for t in decoded.tokens], decoded, pictures
 
