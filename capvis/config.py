@@ -35,6 +35,7 @@ class DataConfig:
     image_size: int = 224
     max_caption_length: int = 30
     num_workers: int = 4
+    cache_images_mb: int = 1024  # decoded images kept in memory (map-style data; shared among the workers)
     one_caption_per_image: bool = False  # keep one seeded caption per image
     fraction: float = 1.0  # seeded fraction of training images (data-efficiency runs)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # random-resized-crop area range

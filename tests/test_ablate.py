@@ -150,3 +150,17 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().err
     assert main(["ablate", "--tasks", "bicaptioning:hidden=63", "--output", str(tmp_path / "x")]) == 2
     assert "hidden" in capsys.readouterr().err and not (tmp_path / "x").exists()  # checked before any work
+
+
+def test_images_seen_ticks_are_short(tmp_path, monkeypatch):
+    from capvis.demo import ablate_report
+
+    assert [ablate_report.short_count(x) for x in (0, 500, 48000, 192000, 1_500_000)] == ["0", "500", "48k", "192k",
+                                                                                          "1.5M"]
+    figures = []
+    monkeypatch.setattr(ablate_report.plt, "close", figures.append)  # keep the figure to read its axes
+    rows = [{"task": "bicaptioning", "fraction": "", "captions_per_image": "", "seed": 0, "images_seen": n,
+             "eval_task": "shape", "metric": "mAP", "value": v} for n, v in ((48000, 60.0), (96000, 70.0), (192000, 80.0))]
+    ablate_report.plot_curves(rows, tmp_path / "a.png")
+    axis = figures[0].axes[0].xaxis
+    assert axis.get_major_formatter()(96000, 0) == "96k" and len(axis.get_major_locator()()) <= 6

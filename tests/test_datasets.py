@@ -51,6 +51,24 @@ def test_same_key_identical_other_epoch_differs(dataset: CaptionDataset) -> None
     assert torch.equal(worker["image"][1], a["image"])  # same sample in a worker process
 
 
+def test_kept_decoded_images_change_no_sample(coco_fixture: Path, coco_tokenizer_path: Path) -> None:
+    records = read_records(coco_fixture)
+    tokenizer = Tokenizer(coco_tokenizer_path)
+
+    def make(cache_bytes: int) -> CaptionDataset:
+        return CaptionDataset(records, tokenizer, build_train_transform(CFG), CFG.max_caption_length, seed=5,
+                              cache_bytes=cache_bytes)
+
+    one = load_image(records[0].path).numel()  # uint8: one byte a value
+    plain, kept, first_only = make(0), make(2**30), make(one)
+    for key in range(3 * len(records)):  # three epochs: each kept image is read again after being augmented
+        a, b, c = plain[key], kept[key], first_only[key]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["image"], c["image"])
+        assert torch.equal(a["caption_tokens"], b["caption_tokens"])
+    assert len(plain.decoded.images) == 0 and len(kept.decoded.images) == len(records)
+    assert list(first_only.decoded.images) == [0] and first_only.decoded.held == one  # the budget is a ceiling
+
+
 def test_caption_choice_per_visit_or_fixed(dataset: CaptionDataset) -> None:
     visits = {tuple(dataset[k * len(dataset)]["caption_tokens"].tolist()) for k in range(8)}
     assert len(visits) > 1  # image 0 has three captions; visits draw among them

@@ -253,6 +253,12 @@ def test_multilabel_batches_carry_instance_categories(tmp_path) -> None:
     caption_keys = TASKS.get("bicaptioning").batch_keys
     assert "categories" not in caption_keys
     assert "categories" not in build_caption_dataset(caption_cfg, "train", Tokenizer(vocab), batch_keys=caption_keys)[0]
+    budget = tiny_cfg("bicaptioning", f"data.train={ann / 'captions_train.json'}", "data.cache_images_mb=3",
+                      "data.num_workers=2")  # the budget is shared among the loader processes
+    assert build_caption_dataset(budget, "train", Tokenizer(vocab)).decoded.budget == 3 * 2**20 // 2
+    with pytest.raises(ConfigError, match="data.cache_images_mb must be >= 0"):
+        build_caption_dataset(tiny_cfg("bicaptioning", f"data.train={ann / 'captions_train.json'}",
+                                       "data.cache_images_mb=-1"), "train", Tokenizer(vocab))
     with pytest.raises(ConfigError, match="num_categories"):
         build_caption_dataset(tiny_cfg("multilabel_classification", f"data.train={ann / 'captions_train.json'}",
                                        "model.num_categories=4"), "train", Tokenizer(vocab), batch_keys=keys)

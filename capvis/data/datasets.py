@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from capvis.data.annotations import ImageRecord
-from capvis.data.decode import BadSampleError, decode_with_pil, load_image  # the last two are re-exported
+from capvis.data.decode import BadSampleError, DecodedImages, decode_with_pil, load_image  # the last two are re-exported
 from capvis.data.robust import BadSampleBudget
 from capvis.data.tokenizer import EOS_ID, PAD_ID, SOS_ID, Tokenizer, normalize_caption
 from capvis.data.transforms import PairTransform
@@ -103,6 +103,7 @@ class CaptionDataset(Dataset):
         num_categories: K for the multi-hot ``categories`` target of records that carry categories.
         max_bad_fraction: share of visited samples that may be bad before a DataError
             (``data.max_bad_fraction``; see :class:`~capvis.data.robust.BadSampleBudget`).
+        cache_bytes: decoded images kept in memory, per process (``data.cache_images_mb``; 0: none).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class CaptionDataset(Dataset):
         *,
         num_categories: int | None = None,
         max_bad_fraction: float = 0.01,
+        cache_bytes: int = 0,
     ) -> None:
         if not records:
             raise DataError("dataset has no images")
@@ -128,6 +130,7 @@ class CaptionDataset(Dataset):
         self.num_categories = num_categories
         self.budget = BadSampleBudget(max_bad_fraction)  # per process: each worker has its own copy
         self._bad_images: dict[int, str] = {}  # record index -> reason, to skip known-bad files fast
+        self.decoded = DecodedImages(cache_bytes)  # per process: each worker fills its own
 
     def __len__(self) -> int:
         return len(self.records)
@@ -161,7 +164,7 @@ class CaptionDataset(Dataset):
         if i in self._bad_images:
             raise BadSampleError(self._bad_images[i])
         try:
-            image = load_image(record.path)
+            image = self.decoded.load(i, record.path)
         except BadSampleError as exc:
             self._bad_images[i] = str(exc)
             raise

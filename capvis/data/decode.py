@@ -71,6 +71,27 @@ def decode_image(raw: bytes, culprit: str) -> Tensor:
     return image
 
 
+class DecodedImages:
+    """Decoded images by key, kept in memory until ``budget`` bytes are held (later ones are decoded on each
+    read). At small image sizes decoding is half the cost of a training sample (the demo at 64 px: 0.83 ->
+    0.39 ms), and a map-style dataset reads every file once an epoch. The transforms never write into
+    their input, so a kept image is the same pixels on every read."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.held = budget, 0
+        self.images: dict[int, Tensor] = {}
+
+    def load(self, key: int, path: str | Path) -> Tensor:
+        image = self.images.get(key)
+        if image is None:
+            image = load_image(path)
+            size = image.numel() * image.element_size()
+            if self.held + size <= self.budget:
+                self.images[key] = image
+                self.held += size
+        return image
+
+
 def checked_header(raw: bytes, culprit: str) -> tuple[int, int, int | None] | None:
     """``(width, height, EXIF orientation)`` from one read of the header (orientation None when the
     EXIF block cannot be read), BadSampleError if it claims more than MAX_PIXELS; None when PIL cannot

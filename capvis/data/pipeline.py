@@ -52,6 +52,8 @@ def build_caption_dataset(cfg: Config, split: str, tokenizer: Tokenizer, *,
     images = d.train_images if split == "train" else d.val_images
     if not annotations:
         raise ConfigError(f"data.{split} is not set")
+    if d.cache_images_mb < 0:
+        raise ConfigError(f"data.cache_images_mb must be >= 0 (0 keeps no decoded image), got {d.cache_images_mb}")
     records = read_records(annotations, images or None, max_bad_fraction=d.max_bad_fraction)
     if split == "train" and d.fraction < 1.0:
         records = subset_fraction(records, d.fraction, cfg.train.seed)
@@ -59,7 +61,8 @@ def build_caption_dataset(cfg: Config, split: str, tokenizer: Tokenizer, *,
     transform = build_train_transform(d) if split == "train" else build_eval_transform(d.image_size)
     return CaptionDataset(records, tokenizer, transform, d.max_caption_length, cfg.train.seed,
                           one_caption_per_image=d.one_caption_per_image, num_categories=num_categories,
-                          max_bad_fraction=d.max_bad_fraction)
+                          max_bad_fraction=d.max_bad_fraction,
+                          cache_bytes=d.cache_images_mb * 2**20 // max(1, d.num_workers))
 
 
 def build_shard_stream(cfg: Config, split: str, tokenizer: Tokenizer, info: DistInfo, *,

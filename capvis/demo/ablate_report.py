@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from capvis.demo import report  # noqa: E402
@@ -213,6 +214,14 @@ def _panels(n: int) -> tuple[Any, np.ndarray]:
     return plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
 
 
+def short_count(x: float, _pos: Any = None) -> str:
+    """A tick label for a count of images: 48000 -> 48k, 1500000 -> 1.5M (full numbers run into each other)."""
+    for size, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(x) >= size:
+            return f"{x / size:g}{suffix}"
+    return f"{x:g}"
+
+
 def _finish_panels(fig: Any, axes: np.ndarray, evals: Sequence[tuple[str, str]], xlabel: str, path: Path) -> None:
     """Titles, axis labels and grids of the panels in use, the spare ones blanked, one legend; saved."""
     for ax, (task, metric) in zip(axes.flat, evals):
@@ -245,6 +254,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 continue
             ax.plot(xs, mean, marker="o", ms=3, color=color, label=_label(s, vary_data))
             ax.fill_between(xs, lo, hi, color=color, alpha=0.18)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.xaxis.set_major_formatter(FuncFormatter(short_count))
     _finish_panels(fig, axes, evals, "images seen", path)
 
 
