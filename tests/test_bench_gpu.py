@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
 @pytest.mark.slow
 def test_dry_run_prints_every_piece_in_under_a_minute():
     start = time.monotonic()
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=120, check=False,
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=1800, check=False,
                           env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"})
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -37,8 +37,9 @@ def test_dry_run_prints_every_piece_in_under_a_minute():
     assert by["ac"][0]["activation_checkpointing"] is True
     assert by["loader"][0]["images_per_s"] > 0 and by["svm"][0]["seconds"] >= 0 and by["decode"][0]["images_per_s"] > 0
     # the goal is under a minute on an idle 2-core machine (quoted in the issue note); the bound here only
-    # catches a dry run that grew into a real one, not a busy CI machine's slowness
-    assert seconds < 180, f"dry run took {seconds:.0f} s"
+    # catches a dry run that grew into a real one (hours on a CPU), not a busy CI machine's slowness (a CI run
+    # beside two training jobs once took a piece past 60 s)
+    assert seconds < 900, f"dry run took {seconds:.0f} s"
 
 
 def test_unknown_argument_is_a_usage_line():
