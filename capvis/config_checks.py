@@ -56,6 +56,8 @@ def validate(cfg: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {value}")
     if cfg.data.max_caption_length < 3:
         raise ConfigError("data.max_caption_length must be at least 3 ([SOS], a token, [EOS])")
+    if cfg.data.cache_images_mb < 0:
+        raise ConfigError(f"data.cache_images_mb must be >= 0 (0 keeps no decoded image), got {cfg.data.cache_images_mb}")
     if not 0 < cfg.data.fraction <= 1:
         raise ConfigError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
     if cfg.train.warmup < 0 or cfg.train.warmup > cfg.train.iterations:

@@ -52,8 +52,6 @@ def build_caption_dataset(cfg: Config, split: str, tokenizer: Tokenizer, *,
     images = d.train_images if split == "train" else d.val_images
     if not annotations:
         raise ConfigError(f"data.{split} is not set")
-    if d.cache_images_mb < 0:
-        raise ConfigError(f"data.cache_images_mb must be >= 0 (0 keeps no decoded image), got {d.cache_images_mb}")
     records = read_records(annotations, images or None, max_bad_fraction=d.max_bad_fraction)
     if split == "train" and d.fraction < 1.0:
         records = subset_fraction(records, d.fraction, cfg.train.seed)
