@@ -17,8 +17,10 @@ the line then carries the captions' token ids, to compare decoders.
 
 Also measured, as the limit beam search can approach: the visual forward alone, the visual keys/values
 (projection and every layer's cross-attention K/V) alone, and one decoder step of batch x beam rows
-alone (position max-steps/2); ``limit_s`` = visual + K/V + max-steps x step. Ends with one JSON line:
-images_per_s, seconds_per_batch, the limit figures and the settings.
+alone (position max-steps/2); ``limit_s`` = visual + K/V + max-steps x step. ``--floor`` adds a lower
+bound for the run as it went (early exit included): the visual forward alone plus the matrix products of
+every step alone, at the rows each step fed (``rows_fed``, ``products_s``, ``floor_s``). Ends with one JSON
+line: images_per_s, seconds_per_batch, the limit figures and the settings.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from capvis.config import load_config
@@ -109,6 +112,46 @@ def limit_figures(task, images: Tensor, beam: int, steps: int, repeats: int) -> 
             "limit_s": round(visual + kv + steps * step, 3)}
 
 
+def head_products(textual) -> list[tuple[Tensor, Tensor]]:
+    """(weight, bias) of every matrix product in one decoding step of a TextualHead: per layer the
+    self-attention's packed q/k/v, the cross-attention's q, both output projections and the feed-forward
+    pair; then the output layer."""
+    e, mats = textual.hidden, []
+    for layer in textual.transformer.layers:
+        sa, ca = layer.self_attn, layer.multihead_attn
+        mats += [(sa.in_proj_weight, sa.in_proj_bias), (sa.out_proj.weight, sa.out_proj.bias),
+                 (ca.in_proj_weight[:e], ca.in_proj_bias[:e]), (ca.out_proj.weight, ca.out_proj.bias),
+                 (layer.linear1.weight, layer.linear1.bias), (layer.linear2.weight, layer.linear2.bias)]
+    return [*mats, (textual.output.weight, textual.output.bias)]
+
+
+@torch.no_grad()
+def floor_figures(task, images: Tensor, run: Callable[[], object], repeats: int) -> dict[str, object]:
+    """What no decoder of these weights avoids: the visual forward alone, plus each step's matrix products
+    alone at the rows that step fed in ``run`` (each row count timed on its own); seconds."""
+    rows: list[int] = []
+    real = task.decode_step
+
+    def counting(tokens: Tensor, cache, **kwargs):
+        rows.append(tokens.shape[0])
+        return real(tokens, cache, **kwargs)
+
+    task.decode_step = counting
+    try:
+        run()
+    finally:
+        del task.decode_step  # the class's method again
+    dev, mats = images.device, head_products(task.textual)
+    per_rows = {}
+    for r in sorted(set(rows)):
+        xs = [torch.randn(r, w.shape[1], device=dev, dtype=w.dtype) for w, _ in mats]
+        per_rows[r] = timed(lambda: [F.linear(x, w, b) for x, (w, b) in zip(xs, mats)], 10 * repeats, dev)
+    visual = timed(lambda: task.visual(images), repeats, dev)
+    products = sum(per_rows[r] for r in rows)
+    return {"rows_fed": rows, "floor_visual_s": round(visual, 4), "products_s": round(products, 4),
+            "floor_s": round(visual + products, 4)}
+
+
 def compare(task, images: Tensor, kwargs: dict, repeats: int, warmup: int) -> dict[str, object]:
     """The decoder before issue 13 (legacy, on the training module) against today's (current, on the
     inference view), interleaved batch by batch so that both see the same machine: median seconds a
@@ -128,7 +171,7 @@ def compare(task, images: Tensor, kwargs: dict, repeats: int, warmup: int) -> di
             tokens[name] = out.tokens
     median = {name: statistics.median(t) for name, t in seconds.items()}
     b = images.shape[0]
-    return {"legacy_s": round(median["legacy"], 4), "current_s": round(median["current"], 4),
+    return {"legacy_s": round(median["legacy"], 6), "current_s": round(median["current"], 6),
             "legacy_images_per_s": round(b / median["legacy"], 2),
             "current_images_per_s": round(b / median["current"], 2),
             "speedup": round(median["legacy"] / median["current"], 3),
@@ -177,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed batches (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches first (default 1)")
     p.add_argument("--no-limit", action="store_true", help="skip the limit figures")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the floor: the visual forward alone + every step's matrix products alone at "
+                        "the rows that step fed (with --no-force, the rows early exit leaves)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("overrides", nargs="*")
@@ -243,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
               "images_per_s": round(args.batch_size * args.repeats / seconds, 3)}
     if args.checkpoint:
         result.update(checkpoint=args.checkpoint, captions=out.tokens)
+    if args.floor:
+        result.update(floor_figures(task, images, run, max(args.repeats, 2)))
+        result["batch_over_floor"] = round(result["seconds_per_batch"] / result["floor_s"], 3)
     if not args.no_limit and args.method == "beam":
         result.update(limit_figures(task, images, args.beam_size, args.max_steps, max(args.repeats, 2)))
         result["batch_over_limit"] = round(result["seconds_per_batch"] / result["limit_s"], 3)

@@ -11,7 +11,16 @@ from torch import Tensor, nn
 
 from capvis.config import load_config
 from capvis.models.attention import MultiheadAttention
-from capvis.models.decoding import BANNED_IDS, EOS_ID, SOS_ID, Decoded, _eval_mode, _finish, beam_search
+from capvis.models.decoding import (
+    BANNED_IDS,
+    EOS_ID,
+    SOS_ID,
+    Decoded,
+    _eval_mode,
+    _finish,
+    beam_search,
+    greedy_decode,
+)
 from capvis.tasks import CaptioningTask, build_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test (conftest)
@@ -221,3 +230,14 @@ def test_decoding_restores_each_submodules_own_mode() -> None:
     beam_search(task, images(2), beam_size=2, max_steps=4)
     assert task.training and task.task.textual.training and not task.task.visual.training
     assert not any(m.training for m in task.task.visual.modules())
+
+
+def test_results_leave_inference_mode_as_ordinary_tensors() -> None:
+    """Decoding runs under ``torch.inference_mode``; the attention maps it returns are ordinary tensors,
+    which a caller may scale in place (an inference tensor would refuse) or use with autograd."""
+    model, x = EndingModel(6), images(3, seed=6)
+    for out in (beam_search(model, x, beam_size=3, max_steps=12, return_attention=True),
+                greedy_decode(model, x, max_steps=12, return_attention=True)):
+        assert out.attention and not any(torch.is_inference(a) for a in out.attention)
+        out.attention[0].mul_(2.0)
+    assert not torch.is_inference(next(model.task.parameters()))

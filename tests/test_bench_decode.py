@@ -46,3 +46,16 @@ def test_compare_notices_different_captions(bench, capsys, monkeypatch):
     monkeypatch.setattr(bench, "decode", off_by_one)
     assert bench.main([*ARGS, "--force"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["same_captions"] is False
+
+
+def test_floor_counts_the_rows_each_step_fed(bench, capsys, monkeypatch):
+    """``--floor``: forced steps feed one row per image, then every beam; the floor is the visual forward
+    plus the products of exactly those steps, and below the whole decode."""
+    monkeypatch.chdir(SCRIPT.parents[1])
+    args = [a for a in ARGS if a != "--compare"]
+    assert bench.main([*args, "--floor", "--no-limit", "--beam-size", "4"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["rows_fed"] == [3] + [12] * 5  # batch 3, beam 4, six forced steps
+    assert line["products_s"] > 0 and line["floor_s"] == pytest.approx(
+        line["floor_visual_s"] + line["products_s"], abs=2e-4)
+    assert line["floor_s"] < line["seconds_per_batch"] and line["batch_over_floor"] > 1

@@ -10,6 +10,7 @@ Masks follow the SDPA convention: a boolean ``attn_mask`` is True where a query 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,19 +63,22 @@ class MultiheadAttention(nn.Module):
 
     def attend_slots(self, q: Tensor, k: Tensor, v: Tensor, slots: Tensor, group: int, *,
                      need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """One query per row, (R, heads, 1, d), over per-image keys (B, heads, S, d): row r is slot
+        """One query per row, (R, heads, d), over per-image keys (B, heads, S, d): row r is slot
         ``slots[r]`` of a (B, group) grid (beam search: the beams of an image share its keys, uncopied).
 
-        Returns ((R, 1, E), (R, 1, S) weights or None); empty slots of the grid cost only attention.
+        Returns ((R, E), (R, S) weights or None); empty slots of the grid cost only attention, and a
+        full grid (every slot a row, as while no beam has ended) is not scattered at all.
         """
         b, h, _, d = k.shape
-        grid = q.new_zeros(b * group, h, d).index_copy_(0, slots, q[:, :, 0])  # (B*G, heads, d)
+        full = q.shape[0] == b * group  # slots are ascending and distinct: then they are 0 .. R-1
+        grid = q if full else q.new_zeros(b * group, h, d).index_copy_(0, slots, q)  # (B*G, heads, d)
         grid = grid.view(b, group, h, d).transpose(1, 2)  # (B, heads, G, d): an image's beams as its queries
         out, weights = self._attention(grid, k, v, need_weights=need_weights)
-        out = self.out_proj(out.reshape(b * group, -1).index_select(0, slots)).unsqueeze(1)  # (R, 1, E)
-        if weights is not None:
-            weights = weights.reshape(b * group, -1).index_select(0, slots).unsqueeze(1)  # (R, 1, S)
-        return out, weights
+        out, weights = out.reshape(b * group, -1), weights.reshape(b * group, -1) if need_weights else None
+        if not full:
+            out = out.index_select(0, slots)
+            weights = weights.index_select(0, slots) if weights is not None else None
+        return self.out_proj(out), weights
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
                    is_causal: bool = False, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -102,24 +106,30 @@ class MultiheadAttention(nn.Module):
 class LayerCache:
     """Per-layer decoding state: self-attention K/V of the tokens so far, cross-attention K/V."""
 
-    self_k: Tensor  # (B, heads, max_len, d), filled up to DecodeCache.length
-    self_v: Tensor
+    self_kv: Tensor  # (B, max_len, 2E): row r's keys [..., :E] and values [..., E:], filled up to DecodeCache.length
     cross_k: Tensor  # (B, heads, S, d), computed once per image
     cross_v: Tensor
     slots: Tensor | None = None  # (R,) beam rows: row r is slot slots[r] of a (B, group) grid (None: row = image)
     group: int = 1
 
-    def reorder(self, index: Tensor, *, memory: bool) -> None:
-        self.self_k = self.self_k.index_select(0, index)
-        self.self_v = self.self_v.index_select(0, index)
+    def reorder(self, index: Tensor, *, memory: bool, length: int | None = None) -> None:
+        """Select rows ``index`` (B',); only the first ``length`` positions of the self-attention K/V are
+        copied (None: all), the rest are written before they are read."""
+        if length is None:
+            self.self_kv = self.self_kv.index_select(0, index)
+        else:
+            kv = self.self_kv.new_empty(len(index), *self.self_kv.shape[1:])
+            torch.index_select(self.self_kv[:, :length], 0, index, out=kv[:, :length])
+            self.self_kv = kv
         if memory:
             self.cross_k = self.cross_k.index_select(0, index)
             self.cross_v = self.cross_v.index_select(0, index)
 
-    def regroup(self, rows: Tensor, slots: Tensor, group: int, images: Tensor | None) -> None:
-        """Keep self-attention rows ``rows``, now at ``slots`` of a (B', group) grid over the images
-        kept by ``images`` (None: all), whose cross-attention K/V stay one copy per image."""
-        self.reorder(rows, memory=False)
+    def regroup(self, rows: Tensor, slots: Tensor, group: int, images: Tensor | None, length: int) -> None:
+        """Keep self-attention rows ``rows`` (their first ``length`` positions), now at ``slots`` of a
+        (B', group) grid over the images kept by ``images`` (None: all), whose cross-attention K/V stay
+        one copy per image."""
+        self.reorder(rows, memory=False, length=length)
         self.slots, self.group = slots, group
         if images is not None:
             self.cross_k = self.cross_k.index_select(0, images)
@@ -148,56 +158,74 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout2 = Dropout(dropout)
         self.dropout3 = Dropout(dropout)
 
-    def forward(self, x: Tensor, memory: Tensor | None = None, *, attn_mask: Tensor | None = None,
-                is_causal: bool = False, need_weights: bool = False, cache: LayerCache | None = None,
-                position: int = 0) -> tuple[Tensor, Tensor | None]:
-        """``x`` (B, T, E) caption states, ``memory`` (B, S, E) visual tokens -> ((B, T, E), cross weights).
+    def forward(self, x: Tensor, memory: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``x`` (B, T, E) caption states, ``memory`` (B, S, E) visual tokens -> ((B, T, E), cross weights)."""
+        return self._block(x, lambda y: self._sa(y, attn_mask, is_causal),
+                           lambda y: self._ca(y, memory, need_weights), self._ff)
 
-        With ``cache`` the layer runs one decoding step: ``x`` is (B, 1, E) at ``position``, its
-        self-attention K/V are written into the cache and ``memory`` is not needed.
+    def step(self, x: Tensor, cache: LayerCache, position: int, *,
+             need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """One decoding step: ``x`` (R, E), one token per row at ``position`` -> ((R, E), (R, S) weights).
+
+        The same operations as :meth:`forward` on 2-D rows, in eval mode (no dropout), with fewer calls
+        per step: a small head's decoding is bound by per-call cost, not arithmetic. Its self-attention
+        K/V are written into the cache; the visual tokens come from the cache's cross-attention K/V.
         """
-        if self.norm_first:
-            x = x + self._sa(self.norm1(x), attn_mask, is_causal, cache, position)
-            h, weights = self._ca(self.norm2(x), memory, need_weights, cache)
-            x = x + h
-            x = x + self._ff(self.norm3(x))
-        else:
-            x = self.norm1(x + self._sa(x, attn_mask, is_causal, cache, position))
-            h, weights = self._ca(x, memory, need_weights, cache)
-            x = self.norm2(x + h)
-            x = self.norm3(x + self._ff(x))
-        return x, weights
+        return self._block(x, lambda y: self._sa_step(y, cache, position),
+                           lambda y: self._ca_step(y, cache, need_weights),
+                           lambda y: self.linear2(F.gelu(self.linear1(y))))
 
-    def _sa(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: LayerCache | None,
-            position: int) -> Tensor:
+    def _block(self, x: Tensor, sa: Callable[[Tensor], Tensor], ca: Callable[[Tensor], tuple[Tensor, Tensor | None]],
+               ff: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Residuals and norms around the three sublayers: pre-norm or post-norm (VirTex)."""
+        if self.norm_first:
+            x = x + sa(self.norm1(x))
+            h, weights = ca(self.norm2(x))
+            x = x + h
+            return x + ff(self.norm3(x)), weights
+        x = self.norm1(x + sa(x))
+        h, weights = ca(x)
+        x = self.norm2(x + h)
+        return self.norm3(x + ff(x)), weights
+
+    def _sa(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         attn = self.self_attn
-        q = attn.project_q(x)
         k, v = attn.project_kv(x)
-        if cache is not None:  # one new token: it may see every cached position, itself included
-            cache.self_k[:, :, position] = k[:, :, 0]
-            cache.self_v[:, :, position] = v[:, :, 0]
-            k, v = cache.self_k[:, :, : position + 1], cache.self_v[:, :, : position + 1]
-            attn_mask, is_causal = None, False
-        out, _ = attn.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        out, _ = attn.attend(attn.project_q(x), k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.dropout1(out)
 
-    def _ca(self, x: Tensor, memory: Tensor | None, need_weights: bool,
-            cache: LayerCache | None) -> tuple[Tensor, Tensor | None]:
+    def _ca(self, x: Tensor, memory: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
         attn = self.multihead_attn
-        if cache is not None and cache.slots is not None:  # beam rows sharing their image's K/V
-            out, weights = attn.attend_slots(attn.project_q(x), cache.cross_k, cache.cross_v, cache.slots,
-                                             cache.group, need_weights=need_weights)
-            return self.dropout2(out), weights
-        k, v = (cache.cross_k, cache.cross_v) if cache is not None else attn.project_kv(memory)
+        k, v = attn.project_kv(memory)
         out, weights = attn.attend(attn.project_q(x), k, v, need_weights=need_weights)
         return self.dropout2(out), weights
 
     def _ff(self, x: Tensor) -> Tensor:
         return self.dropout3(self.linear2(self.dropout(F.gelu(self.linear1(x)))))
 
+    def _sa_step(self, x: Tensor, cache: LayerCache, position: int) -> Tensor:
+        """The new token's q/k/v in one product; it may see every cached position, itself included."""
+        attn, (r, e), h = self.self_attn, x.shape, self.self_attn.num_heads
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (R, 3E)
+        cache.self_kv[:, position] = qkv[:, e:]
+        kv = cache.self_kv[:, : position + 1]  # (R, t, 2E)
+        k = kv[..., :e].view(r, position + 1, h, -1).transpose(1, 2)  # (R, heads, t, d)
+        v = kv[..., e:].view(r, position + 1, h, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qkv[:, :e].view(r, h, 1, -1), k, v)  # (R, heads, 1, d)
+        return attn.out_proj(out.view(r, e))
+
+    def _ca_step(self, x: Tensor, cache: LayerCache, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        attn, (r, e) = self.multihead_attn, x.shape
+        q = F.linear(x, attn.in_proj_weight[:e], attn.in_proj_bias[:e]).view(r, attn.num_heads, -1)  # (R, heads, d)
+        if cache.slots is not None:  # beam rows sharing their image's K/V
+            return attn.attend_slots(q, cache.cross_k, cache.cross_v, cache.slots, cache.group,
+                                     need_weights=need_weights)
+        out, weights = attn.attend(q.unsqueeze(2), cache.cross_k, cache.cross_v, need_weights=need_weights)
+        return out.view(r, e), weights.view(r, -1) if weights is not None else None
+
     def new_cache(self, memory: Tensor, max_len: int) -> LayerCache:
         """An empty cache for ``max_len`` tokens, with the cross-attention K/V of ``memory`` (B, S, E)."""
         cross_k, cross_v = self.multihead_attn.project_kv(memory)
-        b, h, _, d = cross_k.shape
-        empty = cross_k.new_zeros(b, h, max_len, d)
-        return LayerCache(self_k=empty, self_v=empty.clone(), cross_k=cross_k, cross_v=cross_v)
+        b, _, e = memory.shape
+        return LayerCache(self_kv=memory.new_zeros(b, max_len, 2 * e), cross_k=cross_k, cross_v=cross_v)

@@ -41,6 +41,12 @@ class WordAndPositionalEmbedding(nn.Module):
         x = self.dropout(self.layer_norm(self.words(tokens) + self.positions(positions)))
         return x * (tokens != self.padding_idx).unsqueeze(-1).to(x.dtype)
 
+    def step(self, tokens: Tensor, position: int) -> Tensor:
+        """One token per row at ``position``, (B,) -> (B, H), as :meth:`forward` in eval mode: the
+        decoding step's embedding: two row lookups instead of two embedding modules and a position range."""
+        x = self.layer_norm(self.words.weight[tokens] + self.positions.weight[position])
+        return x * (tokens != self.padding_idx).unsqueeze(-1).to(x.dtype)
+
 
 class TransformerStack(nn.Module):
     """``layers`` (ModuleList) and, for pre-norm, a final ``norm``: keys ``transformer.layers.N.*``."""
@@ -62,20 +68,20 @@ class DecodeCache:
 
     @property
     def batch_size(self) -> int:
-        return self.layers[0].self_k.shape[0]
+        return self.layers[0].self_kv.shape[0]
 
     def reorder(self, index: Tensor, *, memory: bool = False) -> None:
         """Select rows (B',) of the cache, e.g. the parent beams. Cross-attention K/V are reordered only
         with ``memory=True``; beam search reorders within an image, whose K/V rows are identical."""
         for layer in self.layers:
-            layer.reorder(index, memory=memory)
+            layer.reorder(index, memory=memory, length=self.length)
 
     def regroup(self, rows: Tensor, slots: Tensor, group: int, images: Tensor | None = None) -> None:
         """Beam search: keep rows ``rows`` (B',) of the self-attention cache; row r is now beam slot
         ``slots[r]`` of a (images, group) grid and attends to its image's cross-attention K/V, one copy
         per image (``images`` keeps a subset of them, e.g. drops the finished ones)."""
         for layer in self.layers:
-            layer.regroup(rows, slots, group, images)
+            layer.regroup(rows, slots, group, images, self.length)
 
 
 class TextualHead(nn.Module):
@@ -172,13 +178,13 @@ class TextualHead(nn.Module):
         """
         if cache.length >= cache.max_len:
             raise ValueError(f"decoding past the {cache.max_len} learned positions")
-        x = self.embedding(tokens.view(-1, 1), start=cache.length)  # (B, 1, H)
+        x = self.embedding.step(tokens, cache.length)  # (B, H)
         weights = None
         for layer, layer_cache in zip(self.transformer.layers, cache.layers):
-            x, weights = layer(x, cache=layer_cache, position=cache.length, need_weights=return_attention)
+            x, weights = layer.step(x, layer_cache, cache.length, need_weights=return_attention)
         cache.length += 1
-        logits = self._logits(x)[:, 0]
-        return (logits, weights[:, 0]) if return_attention else logits
+        logits = self._logits(x)
+        return (logits, weights) if return_attention else logits
 
 
 def _init_weights(module: nn.Module) -> None:
