@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
               "beam_size": args.beam_size if args.method == "beam" else None, "max_steps": args.max_steps,
               "tokens_per_caption": steps, "batch_size": args.batch_size, "image_size": args.image_size,
               "device": args.device, "threads": torch.get_num_threads(), "repeats": args.repeats,
-              "seconds": round(seconds, 3), "seconds_per_batch": round(seconds / args.repeats, 3),
+              "seconds": round(seconds, 3), "seconds_per_batch": round(seconds / args.repeats, 4),
               "images_per_s": round(args.batch_size * args.repeats / seconds, 3)}
     if args.checkpoint:
         result.update(checkpoint=args.checkpoint, captions=out.tokens)
