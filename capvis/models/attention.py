@@ -191,8 +191,9 @@ class TransformerDecoderLayer(nn.Module):
 
     def _sa(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         attn = self.self_attn
+        q = attn.project_q(x)  # before k/v: the order autograd sums x's gradients in, so runs repeat bit for bit
         k, v = attn.project_kv(x)
-        out, _ = attn.attend(attn.project_q(x), k, v, attn_mask=attn_mask, is_causal=is_causal)
+        out, _ = attn.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.dropout1(out)
 
     def _ca(self, x: Tensor, memory: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
