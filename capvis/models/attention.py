@@ -112,15 +112,12 @@ class LayerCache:
     slots: Tensor | None = None  # (R,) beam rows: row r is slot slots[r] of a (B, group) grid (None: row = image)
     group: int = 1
 
-    def reorder(self, index: Tensor, *, memory: bool, length: int | None = None) -> None:
+    def reorder(self, index: Tensor, *, memory: bool, length: int) -> None:
         """Select rows ``index`` (B',); only the first ``length`` positions of the self-attention K/V are
-        copied (None: all), the rest are written before they are read."""
-        if length is None:
-            self.self_kv = self.self_kv.index_select(0, index)
-        else:
-            kv = self.self_kv.new_empty(len(index), *self.self_kv.shape[1:])
-            torch.index_select(self.self_kv[:, :length], 0, index, out=kv[:, :length])
-            self.self_kv = kv
+        copied, the rest are written before they are read."""
+        kv = self.self_kv.new_empty(len(index), *self.self_kv.shape[1:])
+        torch.index_select(self.self_kv[:, :length], 0, index, out=kv[:, :length])
+        self.self_kv = kv
         if memory:
             self.cross_k = self.cross_k.index_select(0, index)
             self.cross_v = self.cross_v.index_select(0, index)
